@@ -1,0 +1,22 @@
+r"""
+---
+title: sophia
+summary: The Sophia optimizer, literate - a reference, a torch._foreach version, and both Hessian estimators.
+---
+
+# sophia
+
+The Sophia optimizer of [Liu et al.](https://arxiv.org/abs/2305.14342), written to be read.
+
+* [`SophiaG`](optimizer.html) and `SophiaH`: the optimizers (`torch.optim` classes).
+* [`sophia.reference`](reference.html): the step, one tensor at a time, one line per line of the paper.
+* [`sophia.foreach`](foreach.html): the same step with `torch._foreach_*` ops.
+* [`sophia.hessian`](hessian.html): the estimators of the Hessian diagonal
+  (Gauss-Newton-Bartlett, Hutchinson, and the exact diagonal for small problems).
+"""
+
+from .hessian import exact_hessian_diagonal, gnb_loss, hutchinson
+from .optimizer import SophiaG, SophiaH
+
+__all__ = ["SophiaG", "SophiaH", "gnb_loss", "hutchinson", "exact_hessian_diagonal"]
+__version__ = "0.1.0"
