@@ -1,0 +1,42 @@
+r"""`python -m sophia`, the quick start's main job: it runs, and it would notice a disagreement."""
+
+import subprocess
+import sys
+
+import sophia.demo as demo
+
+
+def test_demo_reports_agreement(capsys):
+    assert demo.main(["--steps", "25"]) == 0
+    out = capsys.readouterr().out
+    for name in ("reference", "foreach", "authors' formula"):
+        assert name in out
+    assert "all implementations agree" in out
+
+
+def test_demo_fails_when_an_implementation_drifts(monkeypatch, capsys):
+    # A foreach step that forgets the weight decay must be caught by the table.
+    real = demo.SophiaG
+
+    def drifting(params, **hyper):
+        if hyper.get("foreach"):
+            hyper["weight_decay"] = 0.0
+        return real(params, **hyper)
+
+    monkeypatch.setattr(demo, "SophiaG", drifting)
+    assert demo.main(["--steps", "25"]) == 1
+    assert "DISAGREEMENT" in capsys.readouterr().out
+
+
+def test_demo_loss_goes_down():
+    problem = demo.Problem(steps=100)
+    _, losses, opt = demo.train(problem, lambda ps: demo.SophiaG(ps, lr=0.05, rho=0.05, weight_decay=0.01))
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    assert 0.0 <= opt.win_rate() <= 1.0
+
+
+def test_module_entry_point_and_bad_arguments():
+    ok = subprocess.run([sys.executable, "-m", "sophia", "--steps", "12"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "sophia", "--steps", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--steps must be >= 1, got 0" in bad.stderr
