@@ -126,19 +126,17 @@ def sophiag_foreach(
         denoms = torch._foreach_mul(hessians_w, rho * bs)
         torch._foreach_clamp_min_(denoms, eps)
 
-        # Reference: `ratio = (exp_avg_w.abs() / denom).clamp_(max=1)`,
-        # $r_t = \min(|m_t| / d_t, 1)$. The division is done in place into the buffer
-        # of absolute values, as the reference divides into a fresh tensor.
-        ratios = torch._foreach_abs(exp_avgs_w)
-        torch._foreach_div_(ratios, denoms)
-        torch._foreach_clamp_max_(ratios, 1)
+        # Reference: `update = (exp_avg_w / denom).clamp_(min=-1, max=1)`,
+        # $u_t = \operatorname{clip}(m_t / d_t, 1)$. The denominators are dropped as soon
+        # as they are used, so at most two temporaries per tensor are alive at once
+        # (the fused kernel keeps everything in registers and needs none).
+        updates = torch._foreach_div(exp_avgs_w, denoms)
+        del denoms
+        torch._foreach_clamp_min_(updates, -1)
+        torch._foreach_clamp_max_(updates, 1)
 
-        # Reference: `param_w.addcmul_(exp_avg_w.sign(), ratio, value=-lr)`,
-        # $\theta_t = \theta_{t-1} - \eta_t \operatorname{sign}(m_t)\, r_t$.
-        # Like the reference, the step holds three temporaries per tensor (denominator,
-        # ratio, sign); the fused kernel holds none.
-        signs = torch._foreach_sign(exp_avgs_w)
-        torch._foreach_addcmul_(params_w, signs, ratios, value=-lr)
+        # Reference: `param_w.add_(update, alpha=-lr)`, $\theta_t = \theta_{t-1} - \eta_t u_t$.
+        torch._foreach_add_(params_w, updates, alpha=-lr)
 
         # Reference: round the working copies into storage (half precision only).
         if params_w is not group_params:

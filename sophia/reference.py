@@ -151,19 +151,23 @@ def sophiag_reference(
         # step of size $\eta$: safe, if not clever.
         denom = (hessian_w * (rho * bs)).clamp_(min=eps)
 
-        # The clipped ratio, per coordinate:
-        # $$r_t = \min\!\left(\frac{|m_t|}{d_t},\ 1\right) \in [0, 1].$$
+        # The clipped Newton step, per coordinate:
+        # $$u_t = \operatorname{clip}\!\left(\frac{m_t}{d_t},\ 1\right) \in [-1, 1],
+        #   \qquad \operatorname{clip}(z, 1) = \max(\min(z, 1), -1).$$
         # Where the estimated curvature is small (or negative) the Newton step
-        # $m/(\rho h)$ would be large, and the clip caps it at 1: this is what guards
-        # Sophia against flat directions, negative curvature and stale estimates.
-        ratio = (exp_avg_w.abs() / denom).clamp_(max=1)
+        # $m/(\rho B h)$ would be large, and the clip caps it at one unit: this is what
+        # guards Sophia against flat directions, negative curvature and stale
+        # estimates. (The authors' code writes the same thing as
+        # $\operatorname{sign}(m)\min(|m|/d, 1)$; the two are equal bit for bit, since
+        # $|m|/d = |m/d|$ and multiplying by $\pm 1$ is exact, and this form needs two
+        # temporary tensors instead of four.)
+        update = (exp_avg_w / denom).clamp_(min=-1, max=1)
 
-        # The update (line 4 of Algorithm 3):
-        # $$\theta_t = \theta_{t-1} - \eta_t\, \operatorname{sign}(m_t)\, r_t
-        #   = \theta_{t-1} - \eta_t \operatorname{clip}\!\left(\frac{m_t}{\max(\rho B h_t, \epsilon)}, 1\right),$$
-        # because $\operatorname{clip}(z, 1) = \operatorname{sign}(z)\min(|z|, 1)$.
+        # The step (line 4 of Algorithm 3):
+        # $$\theta_t = \theta_{t-1} - \eta_t\, u_t
+        #   = \theta_{t-1} - \eta_t \operatorname{clip}\!\left(\frac{m_t}{\max(\rho B h_t, \epsilon)}, 1\right).$$
         # Every coordinate moves by at most $\eta_t$ (plus the weight decay).
-        param_w.addcmul_(exp_avg_w.sign(), ratio, value=-lr)
+        param_w.add_(update, alpha=-lr)
 
         # For half precision, round the working copies into storage, once.
         _store(param, param_w)
@@ -245,7 +249,7 @@ def hessian_ema_reference(
 # clipped, $|m| < \rho B h$: the coordinates where Sophia takes a true (scaled) Newton
 # step instead of a sign step. The reference README tunes $\rho$ so that this stays
 # between 0.1 and 0.5. We count with the same guard as the step,
-# $|m| < \max(\rho B h, \epsilon)$, i.e. exactly the coordinates whose ratio $r < 1$.
+# $|m| < \max(\rho B h, \epsilon)$: the coordinates whose step is not clipped.
 def unclipped_count_reference(
     exp_avgs: list[Tensor],
     hessians: list[Tensor],

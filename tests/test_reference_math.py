@@ -131,3 +131,16 @@ def test_matches_the_authors_formula_over_hundreds_of_steps(foreach):
         torch.testing.assert_close(state["exp_avg"], m, rtol=0, atol=0)
         torch.testing.assert_close(state["hessian"], h, rtol=0, atol=0)
         assert state["step"].item() == 300
+
+
+def test_clip_of_the_ratio_equals_the_authors_sign_times_min_bitwise():
+    # clip(m/d, 1) and sign(m) * min(|m|/d, 1) are the same numbers, bit for bit:
+    # |m|/d = |m/d| in IEEE arithmetic and multiplying by +-1 is exact.
+    gen = torch.Generator().manual_seed(2)
+    m = torch.randn(100_000, generator=gen) * torch.logspace(-20, 5, 100_000)
+    m[::97] = 0.0
+    d = (torch.rand(100_000, generator=gen) * torch.logspace(-15, 5, 100_000).flip(0)).clamp(min=1e-15)
+    ours = (m / d).clamp(min=-1, max=1)
+    theirs = m.sign() * (m.abs() / d).clamp(max=1)
+    assert torch.equal(ours, theirs)
+    assert (ours.abs() == 1).any() and ((ours.abs() < 1) & (ours != 0)).any()
