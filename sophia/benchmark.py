@@ -1,7 +1,7 @@
 r"""
 ---
 title: How fast is one step?
-summary: A benchmark of the optimizer step alone - the reference, the torch._foreach version and torch.optim.AdamW on the same parameters.
+summary: A benchmark of the optimizer step alone - the reference, the torch._foreach version, the fused kernel and torch.optim.AdamW on the same parameters.
 ---
 
 # How fast is one step?
@@ -16,9 +16,12 @@ pass) of
 
 * `SophiaG(params, foreach=False)`, the [reference](reference.html), one tensor at a time;
 * `SophiaG(params, foreach=True)`, the [`torch._foreach` version](foreach.html);
+* `SophiaG(params, fused=True)`, the [fused kernel](fused.html): on CUDA, or on the CPU
+  its CPU build (the same kernel source compiled as C++);
 * `torch.optim.AdamW(params, foreach=True)`, the **baseline**, what most people train with;
 * `torch.optim.AdamW(params, foreach=False)`, for context: how much foreach buys AdamW
   on the same machine;
+* `torch.optim.AdamW(params, fused=True)`, PyTorch's own fused kernel, the bar for ours;
 
 on one synthetic set of parameters, shaped like a small transformer's. Run it with
 
@@ -29,8 +32,13 @@ python -m sophia.benchmark --device cpu --dtype bfloat16 --json step.json
 
 It prints the machine (device, torch version, CPU threads), the parameter set
 (parameters and tensors, counted from the tensors themselves) and a table: per
-implementation, the median and the minimum time of one step in milliseconds, and the
-median divided by the baseline's median **from the same run**.
+implementation, the median and the minimum time of one step in milliseconds, the
+median divided by the baseline's median **from the same run**, and the effective memory
+bandwidth of the step as a fraction of the device's copy bandwidth (see below).
+
+On a GPU the targets are: the fused step at 85% or more of copy bandwidth and faster
+than PyTorch's fused AdamW (Sophia must move six tensor-passes per element, AdamW
+seven), and the foreach step no slower than AdamW's foreach step.
 
 **Read the ratios, not the milliseconds.** Absolute times say more about the machine than
 about the code; a ratio to AdamW measured seconds apart on the same machine, with the
@@ -90,8 +98,9 @@ system time.
 
 The implementations are a list of `(name, factory)` pairs built in one place,
 `contenders()`; a factory takes the parameters (with their gradients set) and returns a
-function that takes one step. A new implementation, such as a fused CUDA kernel, is one
-more pair there.
+function that takes one step. A new implementation is one more pair there; one that
+cannot run on the device at hand (a fused kernel that does not build) is listed with the
+reason instead of a time.
 """
 
 from __future__ import annotations
@@ -129,6 +138,8 @@ DEFAULT_WARMUP = 3
 DEFAULT_SEED = 0
 BS = 5120
 BASELINE = "AdamW(foreach=True)"
+FUSED_SOPHIA = "SophiaG(fused=True)"
+FUSED_ADAMW = "AdamW(fused=True)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -224,31 +235,87 @@ def transformer_like_shapes(n_params: int, n_tensors: int) -> list[tuple[int, ..
 Step = Callable[[], object]
 
 
-def _sophiag(foreach: bool) -> Callable[[list[Tensor]], Step]:
+def _sophiag(**flags: bool) -> Callable[[list[Tensor]], Step]:
     def make(params: list[Tensor]) -> Step:
-        opt = SophiaG(params, foreach=foreach)
+        opt = SophiaG(params, **flags)
         opt.update_hessian()
         return lambda: opt.step(bs=BS)
 
     return make
 
 
-def _adamw(foreach: bool) -> Callable[[list[Tensor]], Step]:
+def _adamw(**flags: bool) -> Callable[[list[Tensor]], Step]:
     def make(params: list[Tensor]) -> Step:
-        opt = torch.optim.AdamW(params, foreach=foreach)
+        opt = torch.optim.AdamW(params, **flags)
         return opt.step
 
     return make
 
 
-def contenders() -> list[tuple[str, Callable[[list[Tensor]], Step]]]:
-    r"""The implementations to time, as `(name, factory)` pairs; one of the names is `BASELINE`."""
-    return [
+# The fused contenders run where they can: Sophia's kernel where it builds (on CUDA, or
+# its CPU build), PyTorch's fused AdamW where PyTorch has it for this device and dtype.
+# Where one cannot run, the report says why instead of timing it.
+def _fused_sophia_unavailable(device: torch.device) -> str | None:
+    from . import fused
+
+    try:
+        fused.load_extension(device.type)
+    except fused.FusedUnavailableError as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def _fused_adamw_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    try:
+        p = torch.zeros(4, device=device, dtype=dtype, requires_grad=True)
+        p.grad = torch.ones_like(p)
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, ValueError) as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def contenders(
+    device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+) -> list[tuple[str, Callable[[list[Tensor]], Step]]]:
+    r"""The implementations to time on `device`, as `(name, factory)` pairs; one of the names is `BASELINE`."""
+    found = [
         ("SophiaG(foreach=False)", _sophiag(foreach=False)),
         ("SophiaG(foreach=True)", _sophiag(foreach=True)),
+        (FUSED_SOPHIA, _sophiag(fused=True)),
         (BASELINE, _adamw(foreach=True)),
         ("AdamW(foreach=False)", _adamw(foreach=False)),
+        (FUSED_ADAMW, _adamw(fused=True)),
     ]
+    missing = unavailable(device, dtype)
+    return [(name, make) for name, make in found if name not in missing]
+
+
+def unavailable(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    r"""The fused contenders that cannot run on `device` with `dtype`, with the reason."""
+    reasons = {FUSED_SOPHIA: _fused_sophia_unavailable(device), FUSED_ADAMW: _fused_adamw_unavailable(device, dtype)}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
+
+
+# ## Memory bandwidth
+#
+# The step is bound by memory traffic, so the honest measure of a fused step is how
+# close it comes to the device's copy bandwidth. Per element, Sophia's step must read
+# `param`, `grad`, `exp_avg` and `hessian` and write `param` and `exp_avg`: six
+# tensor-passes. AdamW's reads four (`param`, `grad`, `exp_avg`, `exp_avg_sq`) and writes
+# three: seven. Those are the *least* bytes each step can move; the effective bandwidth
+# is that many bytes over the measured time, and we report it as a fraction of the
+# bandwidth of a plain copy (`dst.copy_(src)`, two passes) of a buffer as large as all the
+# parameters together, timed the same way.
+PASSES = {"SophiaG": 6, "AdamW": 7}
+
+
+def _copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    src = torch.ones(numel, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [_time_block(lambda: dst.copy_(src), 5, device) for _ in range(repeats)]
+    return 2 * numel * src.element_size() / statistics.median(times)
 
 
 # ## The parameters and their gradients
@@ -349,7 +416,7 @@ def _device_name(device: torch.device) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sophia.benchmark",
-        description="Time the optimizer step alone: SophiaG (reference and foreach) against torch.optim.AdamW.",
+        description="Time the optimizer step alone: SophiaG (reference, foreach, fused) against torch.optim.AdamW.",
     )
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help="torch device (default: %(default)s)")
@@ -411,12 +478,24 @@ def _print_report(results: dict) -> None:
         f"{results['steps']} steps each, round-robin; per-step times"
     )
     print()
+    print(f"copy     {results['copy_bandwidth_gbs']:.1f} GB/s (dst.copy_(src) over a buffer of all the parameters)")
+    print()
     name_width = max(len("implementation"), *(len(n) for n in results["results"]))
-    header = f"{'implementation':<{name_width}}  {'ms/step (median)':>16}  {'min':>8}  {'vs ' + results['baseline']:>24}"
+    header = (
+        f"{'implementation':<{name_width}}  {'ms/step (median)':>16}  {'min':>8}  {'vs ' + results['baseline']:>24}"
+        f"  {'GB/s':>7}  {'of copy':>7}"
+    )
     print(header)
     print("-" * len(header))
     for name, r in results["results"].items():
-        print(f"{name:<{name_width}}  {r['median_ms']:>16.3f}  {r['min_ms']:>8.3f}  {r['ratio']:>23.2f}x")
+        print(
+            f"{name:<{name_width}}  {r['median_ms']:>16.3f}  {r['min_ms']:>8.3f}  {r['ratio']:>23.2f}x"
+            f"  {r['bandwidth_gbs']:>7.1f}  {100 * r['bandwidth_fraction']:>6.0f}%"
+        )
+    for name, reason in results["unavailable"].items():
+        print(f"{name:<{name_width}}  not run: {reason}")
+    print()
+    print("GB/s: the least bytes a step must move (6 tensor-passes for Sophia, 7 for AdamW) over its median time.")
 
 
 # ## Putting it together
@@ -429,12 +508,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     shapes = transformer_like_shapes(args.params, args.tensors)
     master = _master_tensors(shapes, args.seed)
-    copies = {name: _copy_for(master, device, dtype) for name, _ in contenders()}
+    missing = unavailable(device, dtype)
+    timed = contenders(device, dtype)
+    copies = {name: _copy_for(master, device, dtype) for name, _ in timed}
     del master
-    steps_by_name = {name: make(copies[name]) for name, make in contenders()}
+    steps_by_name = {name: make(copies[name]) for name, make in timed}
     counted = next(iter(copies.values()))
+    numel = sum(p.numel() for p in counted)
+    element_size = counted[0].element_size()
 
     samples = _run(steps_by_name, steps=args.steps, repeats=args.repeats, warmup=args.warmup, device=device)
+    copy_bandwidth = _copy_bandwidth(numel, dtype, device, args.repeats)
 
     baseline_median = statistics.median(samples[BASELINE])
     results = {
@@ -452,16 +536,21 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": args.warmup,
         "bs": BS,
         "baseline": BASELINE,
+        "copy_bandwidth_gbs": copy_bandwidth / 1e9,
+        "unavailable": missing,
         "results": {
             name: {
                 "median_ms": 1e3 * statistics.median(times),
                 "min_ms": 1e3 * min(times),
                 "ratio": statistics.median(times) / baseline_median,
+                "bandwidth_gbs": PASSES[name.split("(")[0]] * numel * element_size / statistics.median(times) / 1e9,
                 "samples_ms": [1e3 * t for t in times],
             }
             for name, times in samples.items()
         },
     }
+    for r in results["results"].values():
+        r["bandwidth_fraction"] = r["bandwidth_gbs"] / results["copy_bandwidth_gbs"]
     _print_report(results)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

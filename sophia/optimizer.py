@@ -16,7 +16,8 @@ bookkeeping a serious `torch.optim` optimizer needs:
   weight_decay=1e-1)`, then `update_hessian()` every $k$ steps and `step(bs=...)` every
   step, with the same state keys (`step`, `exp_avg`, `hessian`), so checkpoints move
   both ways;
-* the **PyTorch conventions** on top: keyword-only `foreach=` and `fused=`, `maximize`,
+* the **PyTorch conventions** on top: keyword-only `foreach=` and `fused=` (see
+  [the fused kernel](fused.html)), `maximize`,
   per-group hyperparameters, learning-rate schedulers, `state_dict()` /
   `load_state_dict()`, `zero_grad()`;
 * **checks on every input**, done before anything is changed, so that a step that is
@@ -79,8 +80,8 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool) -> 
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
-def _check_group(group: dict, where: str) -> None:
-    _check_number(f"{where}lr", group["lr"], low=0.0, low_inclusive=True)
+def _check_group(group: dict, where: str, *, at_step: bool = False) -> None:
+    _check_lr(group, where, at_step=at_step)
     _check_number(f"{where}rho", group["rho"], low=0.0, low_inclusive=False)
     _check_number(f"{where}weight_decay", group["weight_decay"], low=0.0, low_inclusive=True)
     _check_number(f"{where}eps", group["eps"], low=0.0, low_inclusive=False)
@@ -99,11 +100,25 @@ def _check_group(group: dict, where: str) -> None:
             raise TypeError(f"{where}{flag} must be None or a bool, got {group[flag]!r}")
     if group["foreach"] and group["fused"]:
         raise ValueError(f"{where}foreach=True and fused=True cannot both be set: pick one implementation")
-    if group["fused"]:
-        raise NotImplementedError(
-            f"{where}fused=True: this version of sophia has no fused kernel yet; "
-            "use foreach=True, or leave fused=None to pick the fastest available implementation"
-        )
+
+
+# The learning rate is a Python number, or, with `fused=True`, a one-element floating
+# tensor that the kernel reads from device memory, so that a step captured in a CUDA
+# graph follows a schedule that writes into that tensor. A tensor's value is checked
+# when the group is made, not at every step: reading it would wait for the device, and
+# inside a CUDA graph capture that is an error.
+def _check_lr(group: dict, where: str, *, at_step: bool) -> None:
+    lr = group["lr"]
+    if not isinstance(lr, Tensor):
+        _check_number(f"{where}lr", lr, low=0.0, low_inclusive=True)
+        return
+    if not group["fused"]:
+        raise TypeError(f"{where}lr is a tensor ({lr.dtype}, {lr.device}); a tensor lr needs fused=True")
+    if lr.numel() != 1 or not lr.is_floating_point():
+        raise ValueError(f"{where}lr as a tensor must hold one floating-point value, got shape "
+                         f"{tuple(lr.shape)} and dtype {lr.dtype}")
+    if not at_step:
+        _check_number(f"{where}lr", lr.item(), low=0.0, low_inclusive=True)
 
 
 # `bs` is $B$, the number of predictions behind one estimate (see the reference). It
@@ -120,6 +135,12 @@ def _check_bs(bs: Any) -> None:
 # foreach kernels (CUDA, XPU, or a custom accelerator), and the reference otherwise.
 # On the CPU, PyTorch's foreach ops are a loop over the per-tensor kernels, so there
 # is nothing to gain and the reference is the default there, as it is for AdamW.
+#
+# The [fused kernel](fused.html) is used when asked for (`fused=True`, on CUDA or, with
+# the CPU build of the same kernel, on the CPU), and when nothing is asked for
+# (`fused=None`, `foreach=None`) on CUDA parameters it can take, if it can be built on
+# this machine: the first step then compiles it once (about a minute, cached on disk).
+# Where it cannot be built, `fused=None` quietly uses the foreach version instead.
 def _foreach_devices() -> set[str]:
     return {"cuda", "xpu", torch._C._get_privateuse1_backend_name()}
 
@@ -127,6 +148,37 @@ def _foreach_devices() -> set[str]:
 def _default_foreach(params: list[Tensor]) -> bool:
     devices = _foreach_devices()
     return all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type in devices for p in params)
+
+
+def _implementation(group: dict, params: list[Tensor], tensors: Sequence[Tensor] = ()) -> str:
+    if group["fused"]:
+        return "fused"
+    if group["foreach"] is not None:
+        return "foreach" if group["foreach"] else "reference"
+    if not _default_foreach(params):
+        return "reference"
+    if group["fused"] is None and all(p.device.type == "cuda" for p in params):
+        from . import fused
+
+        if fused.fused_available("cuda") and fused.fused_supports([*params, *tensors]):
+            return "fused"
+    return "foreach"
+
+
+def _step_function(implementation: str) -> Callable:
+    if implementation == "fused":
+        from .fused import sophiag_fused
+
+        return sophiag_fused
+    return sophiag_foreach if implementation == "foreach" else sophiag_reference
+
+
+def _hessian_function(implementation: str) -> Callable:
+    if implementation == "fused":
+        from .fused import hessian_ema_fused
+
+        return hessian_ema_fused
+    return hessian_ema_foreach if implementation == "foreach" else hessian_ema_reference
 
 
 class SophiaG(Optimizer):
@@ -145,7 +197,12 @@ class SophiaG(Optimizer):
             synchronizes with the host either way.
         foreach: `True` for the `torch._foreach` version, `False` for the reference,
             `None` to choose as `torch.optim.AdamW` does.
-        fused: reserved for the fused CUDA kernel; `True` raises in this version.
+        fused: `True` for the fused kernel (one pass over memory per step; CUDA, or
+            the CPU build of the same kernel on the CPU), `False` never, `None` to use it
+            on CUDA when it can be built and to fall back to foreach quietly otherwise.
+            With `fused=True`, `lr` may be a one-element tensor (for CUDA graphs), and
+            `torch.amp.GradScaler` hands the loss scale to the kernel instead of
+            unscaling the gradients itself.
         eps: $\epsilon$ in $\max(\rho B h, \epsilon)$ (the authors hard-code `1e-15`).
 
     Per step: `step(closure=None, bs=5120)`, with `bs` the number of predictions
@@ -181,6 +238,8 @@ class SophiaG(Optimizer):
         _check_group(defaults, where="")
         super().__init__(params, defaults)
         self._last_bs: float | None = None
+        if fused:
+            self._step_supports_amp_scaling = True
 
     # Every group is checked with its defaults filled in, before it joins the
     # optimizer: a bad group is never half-added.
@@ -207,7 +266,9 @@ class SophiaG(Optimizer):
     # ## State
     #
     # Per parameter, the three keys of the reference: `step` (a `float32` scalar
-    # tensor, on the CPU unless `capturable`), `exp_avg` $m$ and `hessian` $h$, both of
+    # tensor, on the CPU unless `capturable` or `fused`, where it lives on the
+    # parameter's device so that counting it never waits for the device), `exp_avg`
+    # $m$ and `hessian` $h$, both of
     # the parameter's shape and dtype (so a `bfloat16` model keeps `bfloat16` state,
     # as with `torch.optim.AdamW`; the math is done in `float32` anyway). A state
     # missing a key, e.g. loaded from another optimizer's checkpoint, gets zeros for
@@ -216,7 +277,7 @@ class SophiaG(Optimizer):
     def _state_for(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
         if "step" not in state:
-            device = p.device if group["capturable"] else torch.device("cpu")
+            device = p.device if group["capturable"] or group["fused"] else torch.device("cpu")
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
         for key in ("exp_avg", "hessian"):
             if key not in state:
@@ -244,34 +305,47 @@ class SophiaG(Optimizer):
             plan.append((group, params, grads))
         return plan
 
-    def _use_foreach(self, group: dict, params: list[Tensor]) -> bool:
-        if group["foreach"] is None:
-            return _default_foreach(params)
-        return group["foreach"]
-
     # ## The step
     #
     # Order matters for "a refused step changes nothing": first every check (the
     # hyperparameters of every group, `bs`), then the closure, then the gradients (a
-    # sparse one anywhere refuses the whole step), and only then the updates.
+    # sparse one anywhere refuses the whole step), the choice of implementation per
+    # group and, for the fused kernel, its own checks (it is built, if need be, and
+    # every tensor has a dtype, layout and device it takes), and only then the updates.
+    #
+    # `torch.amp.GradScaler` and fused optimizers have a contract: when the optimizer
+    # says `_step_supports_amp_scaling`, the scaler does not unscale the gradients nor
+    # skip the step itself; it sets `optimizer.grad_scale` (the loss scale) and
+    # `optimizer.found_inf` (non-zero if any gradient overflowed) and calls `step()`.
+    # The fused kernel then divides each gradient by the scale as it reads it, and skips
+    # the whole step, without waiting for the device, when `found_inf` is set. A group
+    # that is not fused (a mixed configuration) does the same with ordinary ops.
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, bs: float = 5120) -> Tensor | None:
         r"""Take one Sophia step; `bs` is $B$, the number of predictions behind the Hessian estimate."""
         _check_bs(bs)
         for gi, group in enumerate(self.param_groups):
-            _check_group(group, where=f"param_groups[{gi}]: ")
+            _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
 
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
-        for group, params, grads in self._params_with_grad():
-            if not params:
-                continue
+        plan = self._plan(self._params_with_grad())
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group, params, grads, implementation in plan:
+            extra = {}
+            if implementation == "fused":
+                extra = dict(grad_scale=grad_scale, found_inf=found_inf)
+            elif found_inf is not None or grad_scale is not None:
+                if found_inf is not None and bool(found_inf.item()):
+                    continue
+                if grad_scale is not None:
+                    grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
             states = [self._state_for(p, group) for p in params]
-            update = sophiag_foreach if self._use_foreach(group, params) else sophiag_reference
-            update(
+            _step_function(implementation)(
                 params,
                 grads,
                 [s["exp_avg"] for s in states],
@@ -284,9 +358,25 @@ class SophiaG(Optimizer):
                 weight_decay=group["weight_decay"],
                 eps=group["eps"],
                 maximize=group["maximize"],
+                **extra,
             )
         self._last_bs = bs
         return loss
+
+    # Per group with work to do: its implementation, and for the fused kernel, the
+    # kernel's own checks, all before the first write.
+    def _plan(self, groups: list[tuple[dict, list[Tensor], list[Tensor]]]) -> list[tuple]:
+        plan = []
+        for group, params, tensors in groups:
+            if not params:
+                continue
+            implementation = _implementation(group, params, tensors)
+            if implementation == "fused":
+                from .fused import check_fused_tensors
+
+                check_fused_tensors({"params": params, "grads or estimates": tensors})
+            plan.append((group, params, tensors, implementation))
+        return plan
 
     # ## The Hessian refresh
     #
@@ -301,20 +391,17 @@ class SophiaG(Optimizer):
     def update_hessian(self, estimates: Sequence[Tensor | None] | None = None) -> None:
         r"""Fold a Hessian-diagonal estimate into the EMA $h$: $h \leftarrow \beta_2 h + (1-\beta_2)\hat h$."""
         for gi, group in enumerate(self.param_groups):
-            _check_group(group, where=f"param_groups[{gi}]: ")
+            _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
         if estimates is None:
-            plan = self._params_with_grad()
+            groups = self._params_with_grad()
             square = True
         else:
-            plan = self._match_estimates(estimates)
+            groups = self._match_estimates(estimates)
             square = False
 
-        for group, params, ests in plan:
-            if not params:
-                continue
+        for group, params, ests, implementation in self._plan(groups):
             hessians = [self._state_for(p, group)["hessian"] for p in params]
-            fold = hessian_ema_foreach if self._use_foreach(group, params) else hessian_ema_reference
-            fold(hessians, ests, beta2=group["betas"][1], square=square)
+            _hessian_function(implementation)(hessians, ests, beta2=group["betas"][1], square=square)
 
     # The estimates must line up with the parameters one to one: same count, same
     # shape, same device, real for a real parameter and complex for a complex one,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sophia.benchmark import BASELINE, contenders, main, transformer_like_shapes
+from sophia.benchmark import BASELINE, FUSED_ADAMW, FUSED_SOPHIA, contenders, main, transformer_like_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--params", "20000", "--tensors", "10", "--steps", "2", "--repeats", "2", "--warmup", "1"]
@@ -50,6 +50,10 @@ def test_main_returns_every_contender(tmp_path, capsys):
 
     names = [name for name, _ in contenders()]
     assert list(results["results"]) == names
+    assert set(names) | set(results["unavailable"]) >= {FUSED_SOPHIA, FUSED_ADAMW}
+    assert results["copy_bandwidth_gbs"] > 0
+    for r in results["results"].values():
+        assert 0 < r["bandwidth_fraction"] and math.isfinite(r["bandwidth_gbs"])
     assert BASELINE in names
     for name in names:
         r = results["results"][name]
