@@ -9,7 +9,7 @@ import sophia.demo as demo
 def test_demo_reports_agreement(capsys):
     assert demo.main(["--steps", "25"]) == 0
     out = capsys.readouterr().out
-    for name in ("reference", "foreach", "authors' formula"):
+    for name in ("reference", "foreach", "fused", "authors' formula"):
         assert name in out
     assert "all implementations agree" in out
 
@@ -33,6 +33,12 @@ def test_demo_loss_goes_down():
     _, losses, opt = demo.train(problem, lambda ps: demo.SophiaG(ps, lr=0.05, rho=0.05, weight_decay=0.01))
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert 0.0 <= opt.win_rate() <= 1.0
+
+
+def test_demo_says_why_fused_did_not_run(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "_fused_unavailable", lambda: "no C++ compiler")
+    assert demo.main(["--steps", "12"]) == 0
+    assert "fused              not run: no C++ compiler" in capsys.readouterr().out
 
 
 def test_module_entry_point_and_bad_arguments():
