@@ -13,6 +13,10 @@ The Sophia optimizer of [Liu et al.](https://arxiv.org/abs/2305.14342), written 
 * [`sophia.foreach`](foreach.html): the same step with `torch._foreach_*` ops.
 * [`sophia.hessian`](hessian.html): the estimators of the Hessian diagonal
   (Gauss-Newton-Bartlett, Hutchinson, and the exact diagonal for small problems).
+* [`sophia.fused`](fused.html) and `sophia/csrc/`: the fused kernel, CUDA C++ that also
+  runs on the CPU.
+* [`sophia.model`](model.html), [`sophia.data`](data.html), [`sophia.train`](train.html):
+  a small GPT, an offline corpus, and the training loop that compares Sophia with AdamW.
 """
 
 from .hessian import exact_hessian_diagonal, gnb_loss, hutchinson

@@ -40,7 +40,8 @@ def test_every_docstring_is_a_raw_string(path):
 def test_import_emits_no_warning():
     result = subprocess.run(
         [sys.executable, "-W", "error::SyntaxWarning", "-W", "error::DeprecationWarning", "-c",
-         "import sophia, sophia.reference, sophia.foreach, sophia.optimizer, sophia.hessian, sophia.demo"],
+         "import sophia, sophia.reference, sophia.foreach, sophia.optimizer, sophia.hessian, sophia.demo, "
+         "sophia.fused, sophia.model, sophia.data, sophia.train, sophia.benchmark"],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,311 @@
+r"""
+---
+title: A small GPT to train with Sophia
+summary: A decoder-only transformer in one file - embeddings, pre-norm blocks with causal self-attention and a GELU MLP, a weight-tied head - and its parameter groups.
+---
+
+# A small GPT
+
+Sophia was made for language-model pre-training, so this package trains a language
+model to show it: a decoder-only transformer in the style of Karpathy's
+[nanoGPT](https://github.com/karpathy/nanoGPT) (`model.py`), small enough to train on
+two CPU cores in a few minutes, and with a bigger configuration for a GPU. The
+[training loop](train.html) feeds it batches from the [corpus](data.html).
+
+The model, from bottom to top:
+
+* token embeddings plus learned position embeddings;
+* `n_layer` pre-norm blocks, each
+  $x \leftarrow x + \operatorname{Attn}(\operatorname{LN}(x))$, then
+  $x \leftarrow x + \operatorname{MLP}(\operatorname{LN}(x))$, with causal multi-head
+  self-attention and a GELU MLP wider than the model;
+* a final LayerNorm and a linear head that shares its weight with the token embedding.
+
+Shapes are written as `(B, T, C)`: $B$ sequences in the batch, $T$ positions per
+sequence, $C$ = `n_embd` channels; `V` is the vocabulary size, `H` the number of
+heads. Note that this $B$ is the batch of sequences; the number of predictions per
+step that Sophia calls $B$ (the optimizer's `bs`) is $B \times T$ here.
+
+`forward(idx, targets)` returns the logits of every position, not only the last one:
+the [Gauss-Newton-Bartlett estimator](hessian.html) samples a label for every
+prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["GPTConfig", "GPT"]
+
+# The hidden layer of the MLP is this many times wider than the model (GPT-2's choice).
+MLP_EXPANSION = 4
+
+# The standard deviation of the initial weights (GPT-2's choice).
+INIT_STD = 0.02
+
+
+# ## Configuration
+#
+# The default is the model the [training loop](train.html) trains on a laptop CPU: a
+# byte-level vocabulary (every byte value is a token, so any text works and nothing
+# needs a tokenizer), a few narrow blocks, and a context of `block_size` bytes. That is
+# about 0.8 M parameters, small enough that a training step takes tens of
+# milliseconds on two CPU cores. `GPTConfig.gpu()` is nanoGPT's character-level
+# Shakespeare model (about 10 M parameters), for a GPU.
+#
+# Every field is checked when the configuration is made, and a bad one raises a
+# `ValueError` that names the field and its value: a model that cannot be built should
+# fail here, not deep inside a matrix multiplication.
+@dataclass
+class GPTConfig:
+    r"""Sizes of the GPT: vocabulary, context length, depth, heads, width, dropout."""
+
+    vocab_size: int = 256
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        # Every head gets an equal slice of the channels.
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd must be divisible by n_head, got n_embd={self.n_embd} and n_head={self.n_head}"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be a bool, got {self.bias!r}")
+
+    @classmethod
+    def gpu(cls, **overrides) -> "GPTConfig":
+        r"""nanoGPT's character-level Shakespeare model (about 10 M parameters), for a GPU; `overrides` change fields."""
+        sizes = dict(block_size=256, n_layer=6, n_head=6, n_embd=384)
+        sizes.update(overrides)
+        return cls(**sizes)
+
+    def replace(self, **changes) -> "GPTConfig":
+        r"""A copy with some fields changed (and checked again)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"GPTConfig has no field(s) {sorted(unknown)}")
+        return GPTConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+
+# ## Causal self-attention
+#
+# Each head $i$ projects the input to queries, keys and values,
+# $Q_i = xW^Q_i$, $K_i = xW^K_i$, $V_i = xW^V_i$, and mixes the values of the
+# positions up to and including its own:
+# $$\operatorname{head}_i = \operatorname{softmax}\!\Big(\frac{Q_i K_i^\top}{\sqrt{C/H}} + M\Big) V_i ,$$
+# where the mask $M$ is $-\infty$ above the diagonal, so position $t$ never sees a
+# position after it: the prediction of token $t+1$ may only use tokens $1..t$. The heads
+# are concatenated and projected back to $C$ channels.
+class CausalSelfAttention(nn.Module):
+    r"""Multi-head self-attention in which every position attends only to itself and the past."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        # One matrix for the three projections $W^Q, W^K, W^V$ of all heads.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, time, channels = x.shape
+        head_size = channels // self.n_head
+        # The queries, keys and values of all heads, each `(B, T, C)`, then split into
+        # heads as `(B, H, T, C/H)`.
+        q, k, v = self.c_attn(x).split(channels, dim=2)
+        q = q.view(batch, time, self.n_head, head_size).transpose(1, 2)
+        k = k.view(batch, time, self.n_head, head_size).transpose(1, 2)
+        v = v.view(batch, time, self.n_head, head_size).transpose(1, 2)
+        # The masked softmax attention above, `(B, H, T, C/H)`. PyTorch's
+        # `scaled_dot_product_attention` computes it, with the scale
+        # $1/\sqrt{C/H}$ and the causal mask `is_causal=True`, in one call. Its fused
+        # kernels (flash, memory-efficient) cannot be differentiated twice; a
+        # Hessian-vector product (Sophia-H) must run the forward pass under
+        # `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`, as the training loop does.
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        # The heads side by side again, `(B, T, C)`, and the output projection.
+        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# ## The MLP
+#
+# Position by position, a two-layer perceptron whose hidden layer is `MLP_EXPANSION`
+# times wider than the model:
+# $$\operatorname{MLP}(x) = \operatorname{GELU}(x W_1 + b_1)\, W_2 + b_2 .$$
+class MLP(nn.Module):
+    r"""The position-wise feed-forward network of a block."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, MLP_EXPANSION * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(MLP_EXPANSION * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+# ## A block
+#
+# Pre-norm residual blocks (GPT-2): the LayerNorm is applied to the input of each
+# sub-layer, not to the residual stream, so the stream itself is a plain sum and
+# gradients reach the bottom blocks undisturbed:
+# $$x \leftarrow x + \operatorname{Attn}(\operatorname{LN}_1(x)), \qquad
+#   x \leftarrow x + \operatorname{MLP}(\operatorname{LN}_2(x)).$$
+class Block(nn.Module):
+    r"""One transformer block: attention, then the MLP, each on a normalized input, each added to the stream."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+# ## The model
+class GPT(nn.Module):
+    r"""A decoder-only transformer language model; `forward(idx, targets=None)` returns `(logits, loss)`."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT needs a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press and Wolf, 2017): the head that turns a vector into
+        # logits is the transpose of the embedding that turns a token into a vector,
+        # $\text{logits} = \operatorname{LN}(x)\, W_{te}^\top$. One matrix, one
+        # parameter: the optimizer sees it once and its gradient is the sum of both uses.
+        self.lm_head.weight = self.transformer.wte.weight
+
+        # ### Initialization
+        #
+        # GPT-2's: every weight matrix and embedding from $\mathcal N(0, \sigma^2)$
+        # with $\sigma$ = `INIT_STD`, biases at zero, and the projections that write
+        # into the residual stream (`c_proj`) scaled down by $\sqrt{2 n_\text{layer}}$,
+        # because each block adds two of them to the stream and the variance of a sum
+        # grows with the number of terms. With small weights the logits start near
+        # zero, the predicted distribution near uniform, and the loss near $\ln V$.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        r"""The number of parameters (the tied matrix once); without the position embedding if `non_embedding`."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    # ### Forward
+    #
+    # `idx` holds token ids, `(B, T)` with $T \le$ `block_size`. The logits of every
+    # position come back, `(B, T, V)`, and with `targets` (the same shape as `idx`:
+    # the next token at every position) the mean cross-entropy over all $B \times T$
+    # predictions,
+    # $$L = -\frac{1}{BT} \sum_{b, t} \log p_\theta(y_{b,t} \mid x_{b, \le t}) .$$
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        r"""Logits `(B, T, V)` for token ids `idx` `(B, T)`, and the mean cross-entropy against `targets` if given."""
+        if not isinstance(idx, Tensor) or idx.dim() != 2:
+            shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"GPT.forward: idx must be a (batch, time) tensor of token ids, got {shape}")
+        if idx.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+            raise ValueError(f"GPT.forward: idx must hold integer token ids, got dtype {idx.dtype}")
+        batch, time = idx.shape
+        if time > self.config.block_size:
+            raise ValueError(
+                f"GPT.forward: sequence length {time} is longer than block_size={self.config.block_size}"
+            )
+        if time == 0:
+            raise ValueError("GPT.forward: sequence length 0; give at least one token per sequence")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(
+                f"GPT.forward: targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
+            )
+
+        idx = idx.long()
+        # Positions $0..T-1$, `(T,)`.
+        pos = torch.arange(time, dtype=torch.long, device=idx.device)
+        # Token plus position embeddings, `(B, T, C)` (the `(T, C)` positions broadcast
+        # over the batch).
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        # The logits, `(B, T, V)`.
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.reshape(batch * time, -1), targets.reshape(-1).long())
+        return logits, loss
+
+    # ## Parameter groups
+    #
+    # Weight decay pulls weights towards zero, which is what we want of the matrices
+    # that multiply activations (and of the embeddings, which are such matrices), and
+    # not of the biases and the LayerNorm gains: shrinking a gain towards zero does
+    # not regularize anything, it rescales a layer the next one must then undo. The
+    # nanoGPT convention is simple and says exactly that: every parameter with two or
+    # more dimensions is decayed, every other one is not. The groups are plain
+    # `{"params": ..., "weight_decay": ...}` dictionaries, so `torch.optim.AdamW`,
+    # `SophiaG` and `SophiaH` all take them.
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        r"""Two parameter groups: 2-D (and higher) weights with `weight_decay`, the rest with none."""
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
+            math.isfinite(weight_decay) and weight_decay >= 0
+        ):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
