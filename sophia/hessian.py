@@ -463,14 +463,28 @@ def hutchinson(
         # which is what `grad_outputs=u` computes: the vector-Jacobian product of $g$
         # with $u$, and the Jacobian of $g$ is $H$. The graph is retained for the next
         # probe (and for the caller, who may still back-propagate `loss`).
-        hvps = torch.autograd.grad(
-            [grads[i] for i in live],
-            params,
-            grad_outputs=[probes[i] for i in live],
-            retain_graph=True,
-            allow_unused=True,
-            materialize_grads=True,
-        )
+        #
+        # Some of PyTorch's fastest kernels have no second derivative: the flash and
+        # memory-efficient attention of `F.scaled_dot_product_attention` among them.
+        # Their error names an ATen function and nothing else, so we say what to do.
+        try:
+            hvps = torch.autograd.grad(
+                [grads[i] for i in live],
+                params,
+                grad_outputs=[probes[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        except RuntimeError as error:
+            if "derivative for" not in str(error) or "not implemented" not in str(error):
+                raise
+            raise RuntimeError(
+                f"hutchinson: the loss's graph has an operation with no second derivative ({error}). "
+                "Hutchinson's estimator differentiates the gradient; build the loss it is given without "
+                "such kernels, e.g. run that forward pass inside "
+                "`torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)` for attention"
+            ) from error
 
         # $$\hat h = u \odot (H u).$$
         for total, u, hu in zip(sums, probes, hvps):

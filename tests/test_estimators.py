@@ -499,3 +499,20 @@ def test_exact_diagonal_refuses_large_models():
     with pytest.raises(ValueError, match=r"`max_numel`.*0"):
         exact_hessian_diagonal(loss, [theta], max_numel=0)
     assert exact_hessian_diagonal(loss, [theta], max_numel=11)[0].shape == (11,)
+
+
+def test_hutchinson_explains_a_missing_second_derivative():
+    # Flash attention has no double backward; the error must say what to do.
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        try:
+            loss = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).pow(2).sum()
+        except RuntimeError:
+            pytest.skip("no flash attention kernel on this build")
+    with pytest.raises(RuntimeError, match=r"no second derivative .*SDPBackend.MATH"):
+        hutchinson(loss, [q])
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).pow(2).sum()
+    assert hutchinson(loss, [q])[0].shape == q.shape
