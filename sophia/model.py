@@ -66,14 +66,27 @@ INIT_STD = 0.02
 class GPTConfig:
     r"""Sizes of the GPT: vocabulary, context length, depth, heads, width, dropout."""
 
+    # `vocab_size` is $V$, the number of distinct tokens (rows of the embedding, columns
+    # of the logits); `block_size` the longest sequence the model can read, which is
+    # the number of rows of the position embedding.
     vocab_size: int = 256
     block_size: int = 64
+    # `n_layer` blocks deep, `n_head` heads per attention layer, `n_embd` = $C$
+    # channels wide. Each head works in $C/H$ channels of its own.
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
+    # The probability of dropping an activation during training. Off by default: a
+    # model this small, trained for a few hundred steps, does not overfit, and dropout
+    # would add noise to the comparison of optimizers (its masks are one more random
+    # stream that differs between runs).
     dropout: float = 0.0
+    # Biases in the linear layers and LayerNorms, as in GPT-2. nanoGPT notes that
+    # without them a model is a little better and faster; we keep GPT-2's form.
     bias: bool = True
 
+    # The checks. `bool` is a subclass of `int` in Python, so `n_layer=True` would pass
+    # an `isinstance(value, int)` test as a one-block model; it is refused explicitly.
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
@@ -86,6 +99,8 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.n_embd must be divisible by n_head, got n_embd={self.n_embd} and n_head={self.n_head}"
             )
+        # A dropout probability of one would zero every activation, so the interval is
+        # open at the top.
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -93,6 +108,8 @@ class GPTConfig:
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be a bool, got {self.bias!r}")
 
+    # The GPU model keeps the byte vocabulary and changes only the sizes below; any of
+    # them, or any other field, can be overridden by keyword.
     @classmethod
     def gpu(cls, **overrides) -> "GPTConfig":
         r"""nanoGPT's character-level Shakespeare model (about 10 M parameters), for a GPU; `overrides` change fields."""
@@ -100,6 +117,9 @@ class GPTConfig:
         sizes.update(overrides)
         return cls(**sizes)
 
+    # `dataclasses.replace` would do the same, but a misspelt field would surface as a
+    # `TypeError` about `__init__`'s keyword arguments; here the message names the
+    # field. The copy is built through `__init__`, so `__post_init__` checks it again.
     def replace(self, **changes) -> "GPTConfig":
         r"""A copy with some fields changed (and checked again)."""
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -117,6 +137,13 @@ class GPTConfig:
 # where the mask $M$ is $-\infty$ above the diagonal, so position $t$ never sees a
 # position after it: the prediction of token $t+1$ may only use tokens $1..t$. The heads
 # are concatenated and projected back to $C$ channels.
+#
+# Why divide by $\sqrt{d}$, with $d = C/H$ the width of a head: if the entries of a
+# query and a key are roughly independent with unit variance, their dot product is a
+# sum of $d$ such products and has variance $d$. Without the scale, wide heads would
+# feed the softmax logits of size $\sqrt d$, it would saturate (one position takes all
+# the weight) and its gradient would vanish. Dividing by $\sqrt d$ keeps the scores of
+# order one, whatever the width.
 class CausalSelfAttention(nn.Module):
     r"""Multi-head self-attention in which every position attends only to itself and the past."""
 
@@ -126,10 +153,14 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         # One matrix for the three projections $W^Q, W^K, W^V$ of all heads.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # The output projection $W^O$, which mixes the concatenated heads. It writes
+        # into the residual stream, which is why its initialization is scaled down
+        # (see "Initialization" below).
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        r"""Attend over `x`, `(B, T, C)`, causally; return `(B, T, C)`."""
         batch, time, channels = x.shape
         head_size = channels // self.n_head
         # The queries, keys and values of all heads, each `(B, T, C)`, then split into
@@ -144,10 +175,16 @@ class CausalSelfAttention(nn.Module):
         # kernels (flash, memory-efficient) cannot be differentiated twice; a
         # Hessian-vector product (Sophia-H) must run the forward pass under
         # `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`, as the training loop does.
+        #
+        # Dropout here acts on the attention weights, and only in training mode:
+        # `dropout_p` is a plain argument, not a module, so `model.eval()` cannot turn
+        # it off by itself and the test on `self.training` does.
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        # The heads side by side again, `(B, T, C)`, and the output projection.
+        # The heads side by side again, `(B, T, C)`, and the output projection. After
+        # the transpose the tensor is no longer laid out row by row in memory, and
+        # `view` needs it to be: hence `contiguous()`, which copies it.
         y = y.transpose(1, 2).contiguous().view(batch, time, channels)
         return self.resid_dropout(self.c_proj(y))
 
@@ -157,6 +194,11 @@ class CausalSelfAttention(nn.Module):
 # Position by position, a two-layer perceptron whose hidden layer is `MLP_EXPANSION`
 # times wider than the model:
 # $$\operatorname{MLP}(x) = \operatorname{GELU}(x W_1 + b_1)\, W_2 + b_2 .$$
+# Attention moves information between positions; the MLP transforms it at each
+# position, and holds most of a block's parameters ($2 \cdot$ `MLP_EXPANSION`
+# $\cdot C^2$ of its weights, against $4C^2$ for attention). GELU,
+# $x\,\Phi(x)$ with $\Phi$ the normal CDF, is a smooth ReLU; `F.gelu` computes it
+# exactly, where GPT-2 used a tanh approximation of it.
 class MLP(nn.Module):
     r"""The position-wise feed-forward network of a block."""
 
@@ -166,7 +208,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(MLP_EXPANSION * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
+    # `(B, T, C)` up to the hidden width, GELU, back down to `(B, T, C)`.
     def forward(self, x: Tensor) -> Tensor:
+        r"""Apply the MLP to every position of `x`, `(B, T, C)`."""
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
@@ -177,6 +221,11 @@ class MLP(nn.Module):
 # gradients reach the bottom blocks undisturbed:
 # $$x \leftarrow x + \operatorname{Attn}(\operatorname{LN}_1(x)), \qquad
 #   x \leftarrow x + \operatorname{MLP}(\operatorname{LN}_2(x)).$$
+# The original transformer normalized *after* the sum, $x \leftarrow \operatorname{LN}(x +
+# \operatorname{Attn}(x))$, which puts a normalization on the path of every gradient
+# and needs a careful learning-rate warm-up to train at all (Xiong et al., 2020).
+# $\operatorname{LN}(x) = \gamma \odot (x - \mu)/\sqrt{\sigma^2 + \epsilon} + \beta$,
+# with the mean $\mu$ and variance $\sigma^2$ over the $C$ channels of one position.
 class Block(nn.Module):
     r"""One transformer block: attention, then the MLP, each on a normalized input, each added to the stream."""
 
@@ -187,12 +236,20 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
+    # The two residual updates, each `(B, T, C)` to `(B, T, C)`.
     def forward(self, x: Tensor) -> Tensor:
+        r"""One block on the residual stream `x`, `(B, T, C)`."""
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
 # ## The model
+#
+# The modules, under nanoGPT's names so that its checkpoints and readers find their
+# way: `wte` the token embedding ($V \times C$), `wpe` the position embedding
+# (`block_size` $\times C$), `h` the blocks, `ln_f` the final LayerNorm. The pre-norm
+# blocks never normalize the stream itself, so it is normalized once more before the
+# head reads it.
 class GPT(nn.Module):
     r"""A decoder-only transformer language model; `forward(idx, targets=None)` returns `(logits, loss)`."""
 
@@ -210,11 +267,17 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
+        # The head has no bias: its weight is the embedding matrix, which has none.
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (Press and Wolf, 2017): the head that turns a vector into
         # logits is the transpose of the embedding that turns a token into a vector,
         # $\text{logits} = \operatorname{LN}(x)\, W_{te}^\top$. One matrix, one
         # parameter: the optimizer sees it once and its gradient is the sum of both uses.
+        #
+        # For Sophia this means one momentum and one Hessian estimate for the matrix,
+        # both of the summed gradient, which is what the loss as a function of that one
+        # matrix calls for. It also saves $V \times C$ parameters, a large share of a
+        # model this small.
         self.lm_head.weight = self.transformer.wte.weight
 
         # ### Initialization
@@ -225,6 +288,11 @@ class GPT(nn.Module):
         # because each block adds two of them to the stream and the variance of a sum
         # grows with the number of terms. With small weights the logits start near
         # zero, the predicted distribution near uniform, and the loss near $\ln V$.
+        #
+        # `apply` visits the tied matrix twice (as `wte` and as `lm_head`) and draws it
+        # twice; the second draw stands, and it has the same distribution. LayerNorms
+        # keep PyTorch's initialization, $\gamma = 1$ and $\beta = 0$: the identity
+        # after normalization.
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -237,6 +305,9 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    # `parameters()` yields a shared tensor once, so the tied matrix is counted once.
+    # nanoGPT's "non-embedding" count leaves out the position embedding only: the
+    # token embedding is also the head, and does work at the top of the model.
     def num_params(self, non_embedding: bool = False) -> int:
         r"""The number of parameters (the tied matrix once); without the position embedding if `non_embedding`."""
         n = sum(p.numel() for p in self.parameters())
@@ -251,6 +322,14 @@ class GPT(nn.Module):
     # the next token at every position) the mean cross-entropy over all $B \times T$
     # predictions,
     # $$L = -\frac{1}{BT} \sum_{b, t} \log p_\theta(y_{b,t} \mid x_{b, \le t}) .$$
+    # The logarithm is natural, so $L$ is in nats per token; $e^{L}$ is the
+    # perplexity, the number of equally likely tokens the model is, on average, as
+    # uncertain as. A model that knows nothing predicts the uniform distribution and
+    # scores $L = \ln V$, perplexity $V$.
+    #
+    # The checks come first, each with a message that says what was wrong. The
+    # position embedding has `block_size` rows, so a longer sequence would index past
+    # it; an empty sequence would give a mean over no predictions, a NaN.
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         r"""Logits `(B, T, V)` for token ids `idx` `(B, T)`, and the mean cross-entropy against `targets` if given."""
         if not isinstance(idx, Tensor) or idx.dim() != 2:
@@ -270,19 +349,27 @@ class GPT(nn.Module):
                 f"GPT.forward: targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
             )
 
+        # Token ids may arrive as any integer type (a corpus of bytes is `uint8`);
+        # the embedding lookup wants `int64`.
         idx = idx.long()
         # Positions $0..T-1$, `(T,)`.
         pos = torch.arange(time, dtype=torch.long, device=idx.device)
         # Token plus position embeddings, `(B, T, C)` (the `(T, C)` positions broadcast
         # over the batch).
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        # The residual stream through every block, `(B, T, C)` in and out.
         for block in self.transformer.h:
             x = block(x)
+        # The final LayerNorm, `(B, T, C)`.
         x = self.transformer.ln_f(x)
         # The logits, `(B, T, V)`.
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
+        # `F.cross_entropy` wants one row of logits per prediction, `(BT, V)`, and one
+        # target per prediction, `(BT,)`; its default reduction is the mean over the
+        # $BT$ rows, the $\frac{1}{BT}\sum$ above. It applies `log_softmax` itself,
+        # which is more accurate than taking the log of a softmax.
         loss = F.cross_entropy(logits.reshape(batch * time, -1), targets.reshape(-1).long())
         return logits, loss
 
@@ -296,12 +383,20 @@ class GPT(nn.Module):
     # more dimensions is decayed, every other one is not. The groups are plain
     # `{"params": ..., "weight_decay": ...}` dictionaries, so `torch.optim.AdamW`,
     # `SophiaG` and `SophiaH` all take them.
+    #
+    # In this model the decayed group is the tied embedding and head, the position
+    # embedding and the weight of every linear layer; the other group is the biases and
+    # the LayerNorm gains $\gamma$ and shifts $\beta$. Both optimizers decay in the
+    # decoupled way, $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$, so $\lambda$ =
+    # `weight_decay` acts the same under either.
     def param_groups(self, weight_decay: float) -> list[dict]:
         r"""Two parameter groups: 2-D (and higher) weights with `weight_decay`, the rest with none."""
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
             math.isfinite(weight_decay) and weight_decay >= 0
         ):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        # Frozen parameters (none here, but a caller may freeze some) stay out of both
+        # groups: an optimizer would otherwise keep state for them and never use it.
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]

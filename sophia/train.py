@@ -84,6 +84,11 @@ labml writes goes under `DIR`: see "Keeping labml inside `--out`" below.
 
 from __future__ import annotations
 
+# The standard library does the bookkeeping: `argparse` the command line, `csv` and
+# `json` the results, `statistics` the means over seeds, `time.perf_counter` the
+# clock. labml and matplotlib are optional and imported inside the functions that
+# use them, so that `import sophia.train` works without either: a notebook that
+# calls `train(TrainConfig(out=None))` needs neither.
 import argparse
 import contextlib
 import csv
@@ -102,6 +107,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+# `sdpa_kernel` chooses which implementation of attention a forward pass uses; the
+# Sophia-H refresh needs the one that can be differentiated twice.
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -111,6 +118,9 @@ from .hessian import gnb_loss
 from .model import GPT, GPTConfig
 from .optimizer import SophiaG, SophiaH
 
+# What a notebook or a test may use: a run (`TrainConfig`, `train`, `RunResult`), a
+# comparison and its outputs, and the pieces of a run that are worth calling alone
+# (the schedule `lr_at`, the optimizer factory, the evaluation).
 __all__ = [
     "TrainConfig",
     "RunResult",
@@ -162,6 +172,11 @@ IMPLEMENTATIONS = ("reference", "foreach", "fused")
 # it to about 0.3 with the same final loss. And $\beta_1$ matters more than $\rho$: on
 # seed 0, Sophia-G with AdamW's $\beta_1$ closes most of its gap to AdamW. We keep the
 # reference's values; `--rho` and `--betas` change them.
+#
+# The weight decays are the reference's too, and they are not as different as they
+# look. Decoupled weight decay shrinks each weight by the factor $1 - \eta_t\lambda$
+# per step, so what matters is the product $\eta\lambda$, and Sophia's peak learning
+# rate is the smaller: per step, Sophia decays its weights less than AdamW does.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": dict(lr=6e-3, betas=(0.9, 0.95), weight_decay=0.1),
     "sophiag": dict(lr=6e-4, betas=(0.965, 0.99), weight_decay=0.2, rho=0.05),
@@ -186,29 +201,49 @@ EVAL_SEED = 20230523
 class TrainConfig:
     r"""A training run: optimizer and its hyperparameters, model, data, schedule, evaluation, seed, device, output."""
 
+    # Which optimizer, and which implementation of its step (see `IMPLEMENTATIONS`).
+    # The implementations compute the same update, so the choice changes the
+    # wall-clock, not the curve.
     optimizer: str = "sophiag"
     impl: str | None = None
+    # The model and the text: a [`GPTConfig`](model.html), a corpus name or path (see
+    # [`load_corpus`](data.html)), and where a downloaded corpus is cached.
     model: GPTConfig = field(default_factory=GPTConfig)
     data: str = "stdlib"
     data_dir: str | None = None
+    # The length of the run and the batch: `steps` optimizer steps, each on
+    # `batch_size` sequences of `seq_len` tokens. A sequence shorter than the model's
+    # context trains the same model on shorter windows.
     steps: int = 400
     batch_size: int = 16
     seq_len: int | None = None
+    # The schedule: a peak learning rate, the floor of the cosine as a fraction of the
+    # peak, and the length of the warm-up.
     lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None
+    # The optimizer's hyperparameters: $(\beta_1, \beta_2)$, $\lambda$, and, for
+    # Sophia, $\rho$ and the refresh interval $k$ = `hess_interval`. `grad_clip` is the
+    # norm $c$ that gradients are clipped to, for every optimizer; zero turns it off.
     betas: tuple[float, float] | None = None
     weight_decay: float | None = None
     rho: float | None = None
     hess_interval: int = 10
     grad_clip: float = 1.0
+    # An evaluation every `eval_interval` steps (and after the last), each the mean
+    # over `eval_iters` validation batches.
     eval_interval: int = 25
     eval_iters: int = 10
+    # The seed of everything random in the run (see "Same data, same samples"), the
+    # device, and the output folder; `out=None` tracks nothing and writes nothing.
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
     verbose: bool = True
 
+    # The checks, in the order of the fields. Names first (an optimizer, an
+    # implementation), then the counts, which must be positive integers (`True` is
+    # an `int` in Python and is refused as one), then the numbers.
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
@@ -219,14 +254,21 @@ class TrainConfig:
         for name in ("steps", "batch_size", "hess_interval", "eval_interval", "eval_iters"):
             _check_int(name, getattr(self, name), low=1)
         _check_int("seed", self.seed, low=0)
+        # The model's position embedding has `block_size` rows, so no longer sequence
+        # can be read; the model would refuse it at the first forward pass, and this
+        # says so before any work.
         if self.seq_len is not None:
             _check_int("seq_len", self.seq_len, low=1)
             if self.seq_len > self.model.block_size:
                 raise ValueError(
                     f"seq_len={self.seq_len} is longer than the model's block_size={self.model.block_size}"
                 )
+        # A warm-up of zero steps is allowed: the schedule then starts at the peak.
         if self.warmup_steps is not None:
             _check_int("warmup_steps", self.warmup_steps, low=0)
+        # A learning rate of zero would make the optimizer do nothing, and a $\rho$ of
+        # zero would make every Sophia step a sign step, since $\max(0, \epsilon) =
+        # \epsilon$; a weight decay of zero is a legitimate choice.
         for name in ("lr", "weight_decay", "rho"):
             value = getattr(self, name)
             if value is not None:
@@ -235,6 +277,8 @@ class TrainConfig:
         _check_float("min_lr_ratio", self.min_lr_ratio, positive=False)
         if self.min_lr_ratio > 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        # Each $\beta$ is the weight of the past in a moving average: at one the average
+        # never moves from its start, above one it diverges, so both lie in $[0, 1)$.
         if self.betas is not None:
             if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
                 raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
@@ -242,6 +286,9 @@ class TrainConfig:
                 _check_float(f"betas[{i}]", beta, positive=False)
                 if beta >= 1:
                     raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+        # Whether the corpus exists is known only when it is loaded (a download may be
+        # needed); here only its name is checked. The device is checked now: a run on
+        # `cuda` on a machine without a GPU should fail before loading anything.
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"data must be one of {', '.join(CORPORA)} or a file path, got {self.data!r}")
         _parse_device(self.device)
@@ -249,6 +296,9 @@ class TrainConfig:
     # The hyperparameters of this run's optimizer: the defaults, with what was given.
     def hyper(self) -> dict[str, Any]:
         r"""`lr`, `betas`, `weight_decay` (and `rho` for Sophia), defaults filled in."""
+        # A copy of the defaults, so that a run never edits `OPTIMIZER_DEFAULTS`. A
+        # field given for an optimizer that has no such hyperparameter (`rho` for
+        # AdamW) is ignored, which lets one `--rho` serve a whole comparison.
         hyper = dict(OPTIMIZER_DEFAULTS[self.optimizer])
         for name in ("lr", "betas", "weight_decay", "rho"):
             value = getattr(self, name)
@@ -261,26 +311,45 @@ class TrainConfig:
         r"""The sequence length trained on: `seq_len`, or the model's `block_size`."""
         return self.seq_len if self.seq_len is not None else self.model.block_size
 
+    # $B$ counts predictions, not sequences: a sequence of $T$ tokens is $T$ next-token
+    # predictions, each with its own term in the mean loss and its own sampled label
+    # in the Gauss-Newton-Bartlett estimate. This is the `bs` of every Sophia-G step
+    # (see "One step" below for why the estimate needs it).
     @property
     def tokens_per_step(self) -> int:
         r"""$B$, the number of predictions per step: `batch_size` $\times$ the sequence length."""
         return self.batch_size * self.context
 
+    # By default a fixed fraction of the run. The reference warms up for 2000 of its
+    # 100 000 steps, a fiftieth, but in a run of a few hundred steps that would be a
+    # handful of steps, too few for the optimizer's statistics to settle.
     @property
     def warmup(self) -> int:
         r"""The warm-up steps: `warmup_steps`, or `steps // 10`."""
         return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
 
+    # The schedule of this run: its peak, its floor `min_lr_ratio` times the peak, its
+    # warm-up and its length, given to the function `lr_at` below.
     def lr_at(self, step: int) -> float:
         r"""The learning rate of step `step` (0-based) under this run's schedule."""
         peak = self.hyper()["lr"]
         return lr_at(step, peak=peak, min_lr=peak * self.min_lr_ratio, warmup_steps=self.warmup, total_steps=self.steps)
 
+    # Every field is a number, a string, a tuple or `None`, and `asdict` recurses into
+    # the nested `GPTConfig`, so the result goes straight to `json.dumps` (tuples
+    # become lists) and into the record of the run.
     def to_dict(self) -> dict[str, Any]:
         r"""A JSON-ready dictionary (the model configuration nested)."""
         return dataclasses.asdict(self)
 
 
+# ### The checks
+#
+# Each raises a `ValueError` that names the field and shows the value, the form the
+# command line prints as one line of error. `_check_int` refuses `bool`, which Python
+# counts as an `int`; `_check_float` refuses NaN and infinities, which pass every
+# comparison test the wrong way (`nan < 0` is false, so NaN would pass a check for
+# negative values).
 def _check_int(name: str, value: Any, *, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -293,6 +362,9 @@ def _check_float(name: str, value: Any, *, positive: bool) -> None:
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
+# A device must parse (`"cuda:0"` does, `"gpu"` does not), and must be present: asking
+# for CUDA on a machine without it is a mistake to report now, not at the first
+# `model.to(device)`.
 def _parse_device(device: Any) -> torch.device:
     try:
         parsed = torch.device(device)
@@ -314,14 +386,36 @@ def _parse_device(device: Any) -> torch.device:
 #   \eta_\min + \tfrac12 (\eta_\max - \eta_\min)\Big(1 + \cos\big(\pi\,\tfrac{t - w}{T - w}\big)\Big) & w \le t < T
 # \end{cases}$$
 # for steps $t = 0..T-1$ ($t + 1$, so that the first step does not have
-# $\eta = 0$). $\eta_\min$ is `min_lr_ratio` times the peak.
+# $\eta = 0$). $\eta_\min$ is `min_lr_ratio` times the peak. (Strictly, the cosine
+# reaches $\eta_\min$ at $t = T$, one step after the last one taken; the last step
+# runs a hair above it.)
+#
+# **Why warm up.** At the start every statistic an optimizer keeps is poor. For AdamW,
+# the second-moment estimate has seen a few gradients; for Sophia it is worse: $h$
+# starts at zero and is first refreshed after $k$ steps, so every step before that is
+# clipped, a sign-of-momentum step that moves *every* coordinate by the full $\eta$.
+# The warm-up keeps those blind steps short. Later, $h$ is an average started from
+# zero with no bias correction, and it takes about $1/(1-\beta_2)$ refreshes to reach
+# its full size; until then it is too small, and steps are clipped more than they will
+# be.
+#
+# **Why decay.** Near a minimum the noise of the minibatch gradient, not the
+# curvature, limits how close a step can land; a smaller $\eta$ averages the noise
+# over more steps. The cosine spends most of the run near the peak and decays
+# smoothly, with no step change for the optimizer's state to absorb.
 def lr_at(step: int, *, peak: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     r"""The learning rate at `step`: linear warm-up over `warmup_steps`, then cosine to `min_lr` at `total_steps`."""
+    # The warm-up: $\eta_\max (t + 1)/w$, reaching the peak at step $w - 1$.
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
+    # Past the end of the schedule (a run continued beyond `total_steps`), the floor.
     if step >= total_steps:
         return min_lr
+    # The fraction $(t - w)/(T - w)$ of the decay done, in $[0, 1)$; `max(1, ...)`
+    # guards the division when the warm-up takes the whole run.
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    # $\eta_\min + \tfrac12(\eta_\max - \eta_\min)(1 + \cos \pi\,\text{progress})$: from
+    # $\eta_\max$ at progress 0 to $\eta_\min$ at progress 1.
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -330,6 +424,7 @@ def lr_at(step: int, *, peak: float, min_lr: float, warmup_steps: int, total_ste
 # Two parameter groups, as in nanoGPT: weight decay on the matrices, none on biases
 # and LayerNorm gains ([`GPT.param_groups`](model.html)). `impl` maps to the flags
 # `foreach=False`, `foreach=True`, `fused=True`, for Sophia and for AdamW alike.
+# `None` passes no flag, so each optimizer picks its own default.
 def _impl_flags(impl: str | None) -> dict[str, bool]:
     if impl is None:
         return {}
@@ -339,10 +434,16 @@ def _impl_flags(impl: str | None) -> dict[str, bool]:
 def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
     r"""The optimizer of `config` over the model's parameter groups."""
     hyper = config.hyper()
+    # The weight decay travels inside the groups (the decayed one carries it, the
+    # other has zero), so it is not passed to the constructor again. The `lr` given
+    # here is the peak; the loop overwrites it at every step with the schedule's.
     groups = model.param_groups(hyper["weight_decay"])
     flags = _impl_flags(config.impl)
+    # AdamW keeps PyTorch's other defaults (its $\epsilon$, no AMSGrad).
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=hyper["lr"], betas=hyper["betas"], **flags)
+    # Sophia-G and Sophia-H share their constructor and their step; they differ in
+    # how `update_hessian` gets its estimate, and in the default `bs` of `step`.
     cls = SophiaG if config.optimizer == "sophiag" else SophiaH
     return cls(groups, lr=hyper["lr"], betas=hyper["betas"], rho=hyper["rho"], **flags)
 
@@ -350,6 +451,10 @@ def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
 # The fused kernel is compiled on first use (about a minute). That minute must not be
 # charged to the first training step, so it is built here, before the clock starts;
 # a machine that cannot build it says so now, in one message, before any training.
+#
+# AdamW's fused step is PyTorch's own and needs no build. An explicit `fused` builds
+# (or fails) now, for the CPU emulation as for CUDA; with no choice on CUDA, Sophia
+# takes the fused kernel if it builds, so we ask now whether it does.
 def _prepare_fused(config: TrainConfig, device: torch.device) -> None:
     if config.optimizer == "adamw":
         return
@@ -369,9 +474,19 @@ def _prepare_fused(config: TrainConfig, device: torch.device) -> None:
 # drawing more from one (a refresh batch) never shifts another (the training batches).
 # The batch offsets are drawn on the CPU, where the corpus lives; the sampled labels
 # and Hutchinson's probes on the device of the model, where they are used.
+#
+# `init` seeds the initial weights, `train` draws the training batches, `hessian`
+# the fresh batches of the refreshes, `samples` the labels $\hat y$ of
+# Gauss-Newton-Bartlett or the probes $u$ of Hutchinson. AdamW never touches the
+# last two, and its `train` stream is the same as Sophia's: that is what makes "the
+# same seed, the same batches" true.
 STREAMS = ("init", "train", "hessian", "samples")
 
 
+# The seed of stream $i$ of run seed $s$ is $s \cdot n + i$, with $n$ the number of
+# streams: distinct for every pair $(s, i)$, so that no two streams of any two runs
+# of a comparison are the same sequence. A generator can only be used on its own
+# device, hence the `device=` of the one that samples on the model's device.
 def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     gens = {}
     for i, name in enumerate(STREAMS):
@@ -380,6 +495,10 @@ def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     return gens
 
 
+# CUDA runs asynchronously: a call returns as soon as its kernel is queued, and a
+# clock read right after it measures the queueing, not the work. Waiting for the
+# device at each boundary makes `perf_counter` measure what ran in between. On the
+# CPU every operation has finished when it returns, and there is nothing to wait for.
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -390,11 +509,26 @@ def _sync(device: torch.device) -> None:
 # The mean loss over `eval_iters` validation batches, the same batches every time
 # (drawn from a generator seeded with `EVAL_SEED`). With bytes as tokens the loss is in
 # nats per byte; the perplexity is $e^{L}$.
+#
+# Nats per byte divided by $\ln 2$ is bits per byte, the unit of compression: a model
+# at $L$ nats per byte could compress the validation text to $L/\ln 2$ bits per byte
+# with an arithmetic coder. A perplexity of $e^{L}$ says the model is, on average, as
+# unsure of the next byte as a uniform choice among $e^{L}$ bytes would be.
+#
+# Each batch has the same number of predictions, so the mean of the batch means is
+# the mean over all predictions. `eval_iters` batches are a sample of the validation
+# split, not all of it; because every evaluation uses the same sample, the
+# differences between two evaluations (or two runs) are not blurred by drawing
+# different text.
 @torch.no_grad()
 def evaluate(model: GPT, corpus: Corpus, config: TrainConfig, device: torch.device) -> float:
     r"""The mean validation loss over the fixed evaluation batches."""
+    # Evaluation mode turns dropout off; the mode the model was in is restored at the
+    # end, so that calling this in the middle of training changes nothing.
+    # `no_grad` (the decorator) keeps no graph: evaluation never back-propagates.
     was_training = model.training
     model.eval()
+    # A new generator with the fixed seed at every call: the same batches every time.
     gen = torch.Generator().manual_seed(EVAL_SEED)
     total = 0.0
     for _ in range(config.eval_iters):
@@ -406,26 +540,40 @@ def evaluate(model: GPT, corpus: Corpus, config: TrainConfig, device: torch.devi
 
 
 # ## The result of a run
+#
+# Plain numbers and lists, so that a result is written as JSON and read back
+# (`to_dict`, `from_dict`) without pickling, and a comparison can be summarized again
+# from its `runs.json` long after the runs.
 @dataclass
 class RunResult:
     r"""What a run measured: the losses at each evaluation, the times, the win rates."""
 
+    # Which run: the optimizer, its implementation (`"default"` when the optimizer
+    # chose), the seed, the number of steps, the size of the model and $B$.
     optimizer: str
     impl: str
     seed: int
     steps: int
     n_params: int
     tokens_per_step: int
+    # The validation curve: at each evaluation, the number of steps taken, the loss,
+    # and the training wall-clock so far (the x-axis of the second panel of the
+    # figure). The first evaluation is at step zero, before any training.
     eval_steps: list[int] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
     eval_seconds: list[float] = field(default_factory=list)
+    # The training loss of every step (on its own batch, so noisier than the
+    # validation loss), and, for Sophia, the step after which each refresh ran and the
+    # clip win rate measured right after it.
     train_losses: list[float] = field(default_factory=list)
     refresh_steps: list[int] = field(default_factory=list)
     win_rates: list[float] = field(default_factory=list)
+    # The clock (see "What is timed") and the configuration, as a dictionary.
     wall_seconds: float = 0.0
     hessian_seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
+    # What a run is judged by: the last evaluation, after the last step.
     @property
     def final_val_loss(self) -> float:
         r"""The validation loss at the end of training."""
@@ -436,11 +584,17 @@ class RunResult:
         r"""$e^{L}$ of the final validation loss."""
         return math.exp(self.final_val_loss)
 
+    # The paper's cost claim is about this ratio. A Sophia-G refresh is one more
+    # forward and backward pass every $k$ steps, so its overhead should be near
+    # $1/(k+1)$ of the wall-clock, less where the optimizer step itself is a large
+    # share of a step. A Sophia-H refresh adds a double backward, and costs more.
     @property
     def hessian_overhead(self) -> float:
         r"""The fraction of the training wall-clock spent in Hessian refreshes."""
         return self.hessian_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
+    # Refreshes included, so Sophia's number is the average cost of a step over a
+    # cycle of $k$, the cost that decides the wall-clock of a run.
     @property
     def ms_per_step(self) -> float:
         r"""Training wall-clock per step, refreshes included, in milliseconds."""
@@ -450,6 +604,8 @@ class RunResult:
         r"""A JSON-ready dictionary."""
         return dataclasses.asdict(self)
 
+    # Reading `runs.json` back: the keys are the field names, so the dictionary is
+    # the keyword arguments (the nested configuration stays a dictionary).
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunResult":
         r"""The inverse of `to_dict`."""
@@ -479,6 +635,12 @@ class RunResult:
 # 9 removed (it lives in `IPython.core.display_functions`). In a plain Python process
 # labml never imports IPython; inside Jupyter with IPython 9 we put the name back
 # where labml looks for it before labml needs it.
+#
+# Only if IPython is already imported (we are in a notebook): importing it ourselves
+# would cost time and change nothing. Looking a name up in `core_display` may emit a
+# `DeprecationWarning` (IPython deprecates names there), which a test run with
+# warnings as errors would turn into a failure, so warnings are silenced around that
+# one question. An IPython that has neither name is left as it is.
 def _ipython_shim() -> None:
     if "IPython" not in sys.modules:
         return
@@ -496,18 +658,32 @@ def _ipython_shim() -> None:
         pass
 
 
+# labml and matplotlib are optional dependencies (the `train` extra of this package);
+# a missing one is an error with its own type, so that the command line can report it
+# in one line, with the `pip` command that fixes it.
 class MissingDependencyError(RuntimeError):
     r"""An optional package this needs (labml to track a run, matplotlib to draw) is not installed."""
 
 
 # The optional packages of the command, checked before any training: a comparison of
 # several minutes should not fail at the end, when it draws its figure.
+#
+# `find_spec` answers without importing the package, so the check is cheap, and a
+# package that is present is imported only where it is used.
 def require(module: str, purpose: str) -> None:
     r"""Raise `MissingDependencyError` unless `module` can be imported."""
     if importlib.util.find_spec(module) is None:
         raise MissingDependencyError(f"{purpose} needs the {module} package: pip install {module}")
 
 
+# The stand-in for labml's `get_git_status`, with its signature: a dictionary of what
+# labml records about the code (remotes, commit, message, dirtiness, diff) and a
+# status, `None` for "no problem", so that labml prints no notice. We record the
+# commit of the checkout this module was imported from, the code that actually
+# trained, and leave the remotes and the diff empty: a run's files should not copy a
+# working tree's uncommitted changes, nor the addresses of its remotes, into `--out`.
+# Without GitPython, or outside a repository (an installed package), the commit is
+# "unknown" and the run goes on.
 def _git_info() -> tuple[dict[str, Any], None]:
     info = dict(remotes=[], commit="unknown", commit_message="", is_dirty=False, diff="")
     try:
@@ -522,6 +698,19 @@ def _git_info() -> tuple[dict[str, Any], None]:
     return info, None
 
 
+# ### Pointing labml at `out`
+#
+# Step by step, what the list above says: labml is imported (with the IPython shim
+# first); `out` gets a `.labml.yaml` of its own, the first one labml's upward search
+# finds, so that the lab is rooted at `out` and labml prints no notice that it found
+# none; the lab singleton is replaced by one rooted at `out`, and the settings that
+# decide where files go are given explicitly, so that no `.labml.yaml` further up can
+# move them; and the computer singleton is rebuilt while `HOME` points to `out`, so
+# that the files labml keeps "in the user's home" are under `out/.labml/`.
+#
+# These are process-wide singletons, so the last call wins: every run sets them
+# again for its own `out`, and two runs with different folders, one after the other
+# in the same process (a comparison, a notebook), each write into their own.
 def _confine_labml(out: Path) -> None:
     _ipython_shim()
     try:
@@ -533,17 +722,28 @@ def _confine_labml(out: Path) -> None:
             "tracking with --out needs labml (pip install 'labml>=0.5.3'); "
             "or call train() with out=None"
         ) from error
+    # A file that exists is left alone: a user may have edited it. `check_repo_dirty`
+    # off, because labml would otherwise refuse to start a run from a checkout with
+    # uncommitted changes.
     labml_yaml = out / ".labml.yaml"
     if not labml_yaml.exists():
         labml_yaml.write_text("# labml's settings for the runs in this folder (written by sophia.train)\n"
                               "check_repo_dirty: false\n")
+    # A new lab, rooted at `out`; the configuration given through `lab.configure` is
+    # merged after any `.labml.yaml`, so it wins. Runs go to `out/logs/`, and labml's
+    # data folder (where its caches go) to `out/data/`.
     lab_internal._internal = lab_internal.Lab(out)
     lab.configure(dict(path=str(out), experiments_path="logs", data_path="data", check_repo_dirty=False))
+    # The computer's configuration: a file with a random identifier, made once, as
+    # labml would make it in `~/.labml/configs.yaml`.
     home = out / ".labml"
     home.mkdir(exist_ok=True)
     computer_yaml = home / "configs.yaml"
     if not computer_yaml.exists():
         computer_yaml.write_text(f"uuid: {uuid.uuid4().hex}\n")
+    # `HOME` is changed only while the computer object is built, and restored (or
+    # removed, if it was not set) whatever happens, because every other library in
+    # the process reads it too.
     saved_home = os.environ.get("HOME")
     os.environ["HOME"] = str(out)
     try:
@@ -560,6 +760,11 @@ def _confine_labml(out: Path) -> None:
 # One interface, two backends: labml when the run has an output folder, plain
 # `print`s at each evaluation otherwise (or nothing, with `verbose=False`), so the loop
 # reads the same either way.
+#
+# It is a context manager because a labml run is one: `experiment.start()` opens the
+# run (writes its files, starts the screen writer) and must be closed when training
+# ends, normally or by an exception. The `ExitStack` holds that context when there is
+# one, and nothing otherwise, so `__exit__` needs no case of its own.
 class _Tracker:
     def __init__(self, config: TrainConfig, name: str) -> None:
         self.config = config
@@ -567,9 +772,16 @@ class _Tracker:
         self.labml = config.out is not None
         self._stack = contextlib.ExitStack()
 
+    # Opening a labml run. `experiment.create` reads the git state through the name
+    # `get_git_status` in labml's experiment module; that name is swapped for
+    # `_git_info` during the call and put back after it, even if the call fails.
+    # `python_file` is where labml starts looking for its lab: `out`, which
+    # `_confine_labml` has just set up. The run then records this module as its
+    # script, which is what actually ran. The whole configuration goes in as flat
+    # `name.sub` keys, labml's form for nested settings.
     def __enter__(self) -> "_Tracker":
         if self.labml:
-            out = Path(self.config.out).resolve()
+            out = Path(self.config.out).expanduser().resolve()
             _confine_labml(out)
             from labml import experiment
             from labml.internal import experiment as experiment_internal
@@ -586,9 +798,14 @@ class _Tracker:
             self._stack.enter_context(experiment.start())
         return self
 
+    # Closing the run, passing on the exception if there is one (labml marks the run
+    # as failed or interrupted).
     def __exit__(self, *exc) -> None:
         self._stack.__exit__(*exc)
 
+    # The step counter of the loop. labml's `monit.loop` also advances labml's global
+    # step, which is the x-axis of everything `tracker` records, and draws the
+    # progress line with the time per step and the time left.
     def loop(self, steps: int) -> Iterator[int]:
         if self.labml:
             from labml import monit
@@ -596,18 +813,27 @@ class _Tracker:
             return iter(monit.loop(range(steps)))
         return iter(range(steps))
 
+    # Values for the current step; labml buffers them until `save`, which writes one
+    # line per step to the screen and the run's files.
     def add(self, **values: float) -> None:
         if self.labml:
             from labml import tracker
 
             tracker.add(values)
 
+    # The end of a step: labml writes the values added since the last `save` under
+    # the current global step.
     def save(self) -> None:
         if self.labml:
             from labml import tracker
 
             tracker.save()
 
+    # An evaluation: with labml, the validation loss joins the values of the step it
+    # follows and `new_line` keeps that screen line (labml otherwise overwrites the
+    # progress line in place), so the screen shows one line per evaluation. Without
+    # labml, one printed line per evaluation, with the perplexity and the training
+    # time so far.
     def evaluation(self, step: int, val_loss: float, seconds: float) -> None:
         if self.labml:
             from labml import tracker
@@ -620,6 +846,8 @@ class _Tracker:
                   f"train time {seconds:6.1f}s", flush=True)
 
 
+# `{"model": {"n_layer": 4}}` becomes `{"model.n_layer": 4}`, and tuples (the betas)
+# become lists, which labml stores as it stores any JSON value.
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for k, v in d.items():
@@ -631,6 +859,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # ## The training loop
+#
+# The page's main function. Before the loop: checks that need the corpus, the
+# streams of randomness, the model, the optimizer, the record. In the loop, per
+# step: the learning rate, one step on a training batch, and for Sophia every $k$
+# steps a refresh of $h$ on a fresh batch; an evaluation every `eval_interval` steps.
 def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
     r"""Train a GPT as `config` says and return what was measured.
 
@@ -638,6 +871,9 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
     loaded. With `config.out`, the run is tracked with labml under that folder and its
     result is written to `out/<optimizer>-seed<seed>.json`.
     """
+    # Everything that can fail fails here, before the first step: the output folder,
+    # the corpus (a download), the sizes, the fused kernel's build. A comparison of
+    # several runs should not die in its third run for a reason known at the start.
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(config).__name__}")
     device = _parse_device(config.device)
@@ -645,6 +881,7 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
         out = check_out_dir(config.out)
     if corpus is None:
         corpus = load_corpus(config.data, cache_dir=config.data_dir)
+    # A token id at or above the model's `vocab_size` has no row in the embedding.
     if corpus.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"the corpus has {corpus.vocab_size} token values but the model's vocab_size is {config.model.vocab_size}"
@@ -655,16 +892,27 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
     gens = _generators(config.seed, device)
     # The initial weights come from the default generator, re-seeded from the `init`
     # stream inside `fork_rng`, so that the caller's random state is left as it was.
+    # (`nn.init` draws from the default generator and takes no other, hence the
+    # detour.) The model is built on the CPU and then moved, so a seed gives the same
+    # initial weights on every device, and every optimizer of a comparison starts
+    # from the same point.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=gens["init"])))
         model = GPT(config.model)
     model.to(device)
     model.train()
+    # The optimizer is made after the move, so that its state is created on the
+    # device of the parameters.
     opt = make_optimizer(model, config)
+    # The tensors that gradient clipping measures: all trainable parameters, one
+    # global norm over all of them.
     params = [p for p in model.parameters() if p.requires_grad]
+    # $k$, the refresh interval, and $B$, the predictions per step.
     k = config.hess_interval
     B = config.tokens_per_step
+    # The run's name in labml and in the name of its result file.
     name = config.optimizer if config.impl is None else f"{config.optimizer}-{config.impl}"
+    # The record starts empty; the loop appends to it and adds to its clocks.
     result = RunResult(
         optimizer=config.optimizer,
         impl=config.impl or "default",
@@ -675,9 +923,16 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
         config=config.to_dict(),
     )
 
+    # A batch of the training split from one stream: `"train"` for the steps,
+    # `"hessian"` for the refreshes. Both come from the same text, through different
+    # generators, so a refresh batch is fresh (not the batch just trained on) and
+    # drawing it does not shift the sequence of training batches.
     def batch(stream: str) -> tuple[Tensor, Tensor]:
         return corpus.batch("train", config.batch_size, config.context, generator=gens[stream], device=device)
 
+    # An evaluation, recorded with the step count and the training time so far. It
+    # runs outside the timed regions: its cost is the same for every optimizer, and
+    # the wall-clock compares what differs.
     def record_eval(step: int) -> None:
         val_loss = evaluate(model, corpus, config, device)
         result.eval_steps.append(step)
@@ -685,6 +940,8 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
         result.eval_seconds.append(result.wall_seconds)
         tracker.evaluation(step, val_loss, result.wall_seconds)
 
+    # The loss of the untrained model comes first (near $\ln V$), so that every curve
+    # starts from the same point at step zero.
     with _Tracker(config, f"{name}-seed{config.seed}") as tracker:
         record_eval(0)
         for step in tracker.loop(config.steps):
@@ -692,10 +949,15 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
             #
             # The learning rate of the schedule, written into every group (AdamW's
             # and Sophia's groups both read `lr` at each step).
+            #
+            # Both optimizers read `group["lr"]` afresh at every step, so writing it
+            # is all a schedule takes; no scheduler object, whose state would have to
+            # be kept in step with the optimizer's.
             lr = config.lr_at(step)
             for group in opt.param_groups:
                 group["lr"] = lr
 
+            # The clock starts once the device has finished earlier work.
             _sync(device)
             start = time.perf_counter()
             # Token ids and next-token targets, each `(batch_size, T)`.
@@ -703,17 +965,44 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
             # The mean cross-entropy over the $B$ predictions of the batch, its
             # gradient, and the gradient clipped to norm `grad_clip`:
             # $g \leftarrow g \cdot \min(1, c / \lVert g \rVert)$.
+            #
+            # The norm is global, $\lVert g \rVert^2 = \sum_p \lVert g_p \rVert^2$ over every
+            # parameter tensor $p$, and all gradients are scaled by the same factor, so
+            # clipping shortens the gradient without turning it. It guards against
+            # the rare batch whose gradient is many times the usual size. For AdamW it
+            # mostly changes how much one such batch counts in the moving averages (the
+            # step divides by $\sqrt{v}$, which scales with the gradient); for Sophia it
+            # scales $m$, which is then compared with $\rho B h$ in the clip.
             _, loss = model(x, y)
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             # Sophia-G's step gets $B$, the predictions behind the estimate; Sophia-H's
             # keeps its default `bs=1` (its estimate needs no factor $B$).
+            #
+            # Where $B$ comes from. The refresh below back-propagates the mean loss
+            # over $B$ predictions against sampled labels, so its gradient is
+            # $\hat g = \frac1B \sum_b g_b$, with $g_b$ the gradient of prediction $b$.
+            # With labels drawn from the model, $\mathbb E[g_b] = 0$ and
+            # $\mathbb E[g_b \odot g_b] = \operatorname{diag}(G_b)$, the Gauss-Newton
+            # diagonal of that prediction (see [the estimators](hessian.html)); the
+            # labels are drawn independently, so the cross terms vanish and
+            # $$\mathbb E[\hat g \odot \hat g] = \frac{1}{B^2} \sum_b \operatorname{diag}(G_b)
+            #   = \frac1B \operatorname{diag}(G), \qquad G = \frac1B \sum_b G_b .$$
+            # The optimizer stores the average of $\hat g \odot \hat g$; times $B$, it is
+            # an estimate of $\operatorname{diag}(G)$ for the mean loss, the same loss
+            # whose gradient the step uses. Pass the wrong $B$ and $\rho$ silently
+            # means something else.
             if config.optimizer == "sophiag":
                 opt.step(bs=B)
             else:
                 opt.step()
+            # `set_to_none` frees the gradients instead of filling them with zeros: the
+            # next backward pass allocates them afresh, and the refresh below starts
+            # from no gradient at all.
             opt.zero_grad(set_to_none=True)
+            # `item()` copies the loss to the CPU, which waits for the device; it is
+            # inside the timed region because every optimizer pays it once per step.
             train_loss = loss.item()
             _sync(device)
             result.wall_seconds += time.perf_counter() - start
@@ -724,6 +1013,25 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
             #
             # Every $k$ steps, after the step (the reference's
             # `iter_num % hess_interval == hess_interval - 1`), on a fresh batch.
+            #
+            # **Why after the step.** The estimate is taken at the parameters the
+            # next step starts from, $\theta_t$ after $t$ steps, and the next $k$
+            # steps use it: this is line 2 of Algorithm 3, "if $t \bmod k = 1$,
+            # refresh $h_t$ at $\theta_{t-1}$", with the 0-based step $k - 1$ here
+            # being the paper's $t = k$. One difference from the paper's
+            # $t = 1$: the first refresh comes after $k$ steps, not before the first,
+            # so the first $k$ steps run with $h = 0$, all clipped, all of size
+            # $\eta_t$, in the warm-up, where $\eta_t$ is small.
+            #
+            # **Why a fresh batch.** On the batch the step was just computed from, the
+            # estimate would share that batch's inputs with the gradient just folded
+            # into $m$, and the errors of the numerator and the denominator of
+            # $m/(\rho B h)$ could be correlated instead of averaging out. A batch of
+            # its own (the `hessian` stream) keeps the estimate independent of the
+            # gradients.
+            #
+            # The refresh is timed on its own clock as well as the run's, for the
+            # overhead.
             if config.optimizer != "adamw" and step % k == k - 1:
                 _sync(device)
                 start = time.perf_counter()
@@ -734,11 +1042,25 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
                     # reference does; `update_hessian()` folds
                     # $\hat g \odot \hat g$ into $h$. The logits are `(batch_size, T, V)`:
                     # one sampled label per position, $B$ in all.
+                    #
+                    # No targets: the true labels $y$ play no part, only the inputs,
+                    # and `gnb_loss` returns its own count of predictions, the same
+                    # $B$ as `tokens_per_step`, which the steps already pass.
                     logits, _ = model(x)
                     sampled_loss, _ = gnb_loss(logits, generator=gens["samples"])
                     sampled_loss.backward()
+                    # The clip, as in the reference. It is not neutral: where it acts
+                    # it scales $\hat g$ by $c/\lVert \hat g \rVert$ and so $h$ by its
+                    # square, making $h$ smaller and the next steps bolder. By the
+                    # computation above, $\mathbb E\lVert \hat g \rVert^2 =
+                    # \operatorname{tr}(G)/B$, which shrinks as the batch grows, while
+                    # a true-label gradient keeps its mean $\nabla L$; so it acts less
+                    # often here than on the step's gradient, but whether it acts in a
+                    # given run is a thing to measure, not to assume.
                     if config.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                    # $h \leftarrow \beta_2 h + (1 - \beta_2)\,\hat g \odot \hat g$, from
+                    # the `.grad` of every parameter.
                     opt.update_hessian()
                 else:
                     # Sophia-H: Hutchinson's $u \odot (\nabla^2 L\, u)$ of the
@@ -747,9 +1069,29 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
                     # of `scaled_dot_product_attention` (flash, memory-efficient) have no
                     # derivative of their backward: this forward pass uses the plain
                     # ("math") attention, which is made of differentiable operations.
+                    #
+                    # In detail: a Hessian-vector product is the gradient of
+                    # $\langle \nabla_\theta L, u \rangle$, so autograd must
+                    # differentiate the backward pass of every operation in the
+                    # forward. The fused kernels compute attention's backward in one
+                    # kernel that has no derivative of its own, and the second backward
+                    # fails ("derivative for ... is not implemented"; `hutchinson`
+                    # explains what to do). The kernel is chosen when the forward runs
+                    # and recorded in the graph, so only the forward needs the context;
+                    # the double backward inside `update_hessian` follows the graph.
+                    # The math kernel is slower and holds the $(T, T)$ attention matrix
+                    # of every head, a cost paid once per $k$ steps.
+                    #
+                    # The true labels, not sampled ones: Hutchinson's estimate is of
+                    # the Hessian of the loss being minimized, $\operatorname{diag}
+                    # \nabla^2 L$, including the term that Gauss-Newton leaves out, and
+                    # needs the loss itself. Its scale is that of the mean loss already,
+                    # hence `bs=1`.
                     with sdpa_kernel(SDPBackend.MATH):
                         _, true_loss = model(x, y)
                     opt.update_hessian(loss=true_loss, generator=gens["samples"])
+                # The refresh leaves gradients behind (Sophia-G's sampled-label ones,
+                # Sophia-H's first backward); they must not leak into the next step.
                 opt.zero_grad(set_to_none=True)
                 _sync(device)
                 elapsed = time.perf_counter() - start
@@ -757,16 +1099,30 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
                 result.wall_seconds += elapsed
                 # The clip win rate: the fraction of coordinates whose next step is
                 # not clipped, $|m| < \rho B h$.
+                #
+                # Strictly, it is measured on the state as it is now, with the new
+                # $h$ and the $m$ of the step just taken; the next step first mixes
+                # one more gradient into $m$. It is computed outside the timed region:
+                # it is a diagnostic, not part of the algorithm. Near zero, Sophia is
+                # taking sign-of-momentum steps, like Lion or signSGD; near one, the
+                # clip never acts and it is a diagonal Newton method with momentum.
+                # `win_rate()` uses the `bs` of the last step, so the same $B$.
                 win_rate = opt.win_rate()
                 result.refresh_steps.append(step + 1)
                 result.win_rates.append(win_rate)
                 tracker.add(win_rate=win_rate)
 
+            # One line of tracked values per step; an evaluation after every
+            # `eval_interval` steps, and always after the last one, so that every
+            # curve ends at the final model.
             tracker.save()
             done = step + 1
             if done % config.eval_interval == 0 or done == config.steps:
                 record_eval(done)
 
+    # The result, next to labml's files, named after the optimizer, its
+    # implementation and the seed, so that the runs of a comparison do not
+    # overwrite each other.
     if config.out is not None:
         path = out / f"{name}-seed{config.seed}.json"
         path.write_text(json.dumps(result.to_dict(), indent=1))
@@ -780,6 +1136,7 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
 # or cannot be written to is refused before any training, with the reason.
 def check_out_dir(out: str | os.PathLike) -> Path:
     r"""Create `out` (and its parents) if needed; raise `ValueError` if it is not a writable folder."""
+    # `~` is expanded here, since a path from Python (not a shell) keeps it literally.
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"output directory {str(out)!r} exists and is not a directory")
@@ -787,6 +1144,9 @@ def check_out_dir(out: str | os.PathLike) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"cannot create output directory {str(out)!r}: {error.strerror or error}") from None
+    # Writability is tested by writing: permission bits do not tell the whole story (a
+    # read-only mount, an ACL, a full disk). The temporary file deletes itself. The
+    # message is the system's reason, `strerror`, without the traceback (`from None`).
     try:
         with tempfile.TemporaryFile(dir=path):
             pass
@@ -813,6 +1173,8 @@ def compare(
     `overrides` maps an optimizer's name to fields of `TrainConfig` that differ for it,
     e.g. `{"adamw": {"lr": 3e-3}}`.
     """
+    # The arguments are checked in full before the first run, for the same reason as
+    # in `train`: a mistake in the list should not surface after an hour of runs.
     if not optimizers:
         raise ValueError("compare needs at least one optimizer")
     if not seeds:
@@ -826,10 +1188,16 @@ def compare(
     for name in overrides:
         if name not in optimizers:
             raise ValueError(f"overrides for {name!r}, which is not among the optimizers {list(optimizers)}")
+    # One configuration per optimizer: the base with its name and its overrides.
+    # `dataclasses.replace` builds a new `TrainConfig`, so `__post_init__` checks each
+    # one now; the seed is set per run below.
     configs = {name: dataclasses.replace(base, optimizer=name, **overrides.get(name, {})) for name in optimizers}
+    # The corpus is loaded once and shared by every run.
     if corpus is None:
         corpus = load_corpus(base.data, cache_dir=base.data_dir)
     results = []
+    # Optimizer by optimizer, seed by seed, one after the other: the runs share the
+    # machine, never run at the same time, and so time each other fairly.
     for name in optimizers:
         for seed in seeds:
             config = dataclasses.replace(configs[name], seed=seed)
@@ -842,10 +1210,26 @@ def compare(
 # The first step at which the mean validation curve reaches `target`, interpolated
 # linearly between the two evaluations around it (evaluations are `eval_interval`
 # steps apart). `None` if it never does.
+#
+# This is how the paper's claim is measured: "Sophia reaches the validation loss of
+# AdamW in half the steps" means, with $L^*$ AdamW's final validation loss, that
+# the first step at which Sophia's validation loss is at or below $L^*$ is half of
+# the number AdamW needs. A statement about steps: whether it is also a statement
+# about time depends on the cost of a step, which the wall-clock columns measure.
+#
+# The validation loss is known only at evaluations, every `eval_interval` steps.
+# Between the evaluation $(s_0, L_0)$ above the target and the first one $(s_1, L_1)$
+# at or below it, the curve is taken to be a straight line, and the crossing is
+# $$s^* = s_0 + \frac{L_0 - L^*}{L_0 - L_1}\,(s_1 - s_0).$$
+# $L_0 > L^* \ge L_1$, so the denominator is positive and $s^*$ lies in
+# $(s_0, s_1]$. The resolution is the evaluation interval; the interpolation keeps
+# two curves that cross the target within one interval from getting the same count.
 def steps_to_reach(steps: list[int], losses: list[float], target: float) -> float | None:
     r"""The (interpolated) step at which `losses` first falls to `target`, or `None`."""
     for i, (s, loss) in enumerate(zip(steps, losses)):
         if loss <= target:
+            # Already at or below the target at the first evaluation: nothing to
+            # interpolate.
             if i == 0:
                 return float(s)
             s0, l0 = steps[i - 1], losses[i - 1]
@@ -853,6 +1237,10 @@ def steps_to_reach(steps: list[int], losses: list[float], target: float) -> floa
     return None
 
 
+# The mean over seeds of one curve, evaluation by evaluation: all runs of one
+# optimizer share the evaluation schedule, so the $i$-th values line up. Steps to a
+# target are read off this mean curve, not averaged over the seeds' own crossings,
+# which would be undefined as soon as one seed never reaches the target.
 def _mean_curve(runs: list[RunResult], attr: str) -> list[float]:
     return [statistics.fmean(values) for values in zip(*(getattr(r, attr) for r in runs))]
 
@@ -868,19 +1256,37 @@ def _mean_curve(runs: list[RunResult], attr: str) -> list[float]:
 # AdamW when it is in the comparison, else the first optimizer.
 def summarize(results: list[RunResult]) -> list[dict[str, Any]]:
     r"""One row per optimizer (in the order first seen) summarizing its runs over seeds."""
+    # The runs grouped by optimizer; a dictionary keeps the order of first sight.
     by_name: dict[str, list[RunResult]] = {}
     for r in results:
         by_name.setdefault(r.optimizer, []).append(r)
+    # The target $L^*$: the baseline's final validation loss, averaged over its seeds.
     baseline = "adamw" if "adamw" in by_name else next(iter(by_name))
     target = statistics.fmean(r.final_val_loss for r in by_name[baseline])
+    # The baseline's own steps to $L^*$, the denominator of the ratio. Its mean curve
+    # ends at $L^*$ by construction, but may have touched it earlier (a curve that
+    # flattens out, or dips and comes back up); the ratio compares like with like, a
+    # first crossing with a first crossing, not with the length of the run.
     base_curve = _mean_curve(by_name[baseline], "val_losses")
     base_steps = steps_to_reach(by_name[baseline][0].eval_steps, base_curve, target)
     rows = []
     for name, runs in by_name.items():
+        # This optimizer's final losses over seeds, its steps to $L^*$, and the other
+        # way round, the steps the baseline's mean curve needs to reach this
+        # optimizer's final mean loss. The second answers "how far behind is it?"
+        # when the first is missing (it never reaches $L^*$): the step at which the
+        # baseline was where this optimizer ended. It is missing in turn when this
+        # optimizer ends below $L^*$, a loss the baseline never reaches.
         finals = [r.final_val_loss for r in runs]
         reach = steps_to_reach(runs[0].eval_steps, _mean_curve(runs, "val_losses"), target)
         match = steps_to_reach(by_name[baseline][0].eval_steps, base_curve, statistics.fmean(finals))
+        # Every win rate of every seed: the mean is over all refreshes of all runs.
         wins = [w for r in runs for w in r.win_rates]
+        # The standard deviation over seeds is the sample one ($n - 1$ in the
+        # denominator) and needs two seeds; with one it is reported as zero. The
+        # perplexity of the mean loss is the geometric mean of the seeds'
+        # perplexities, $e^{\bar L}$, not their arithmetic mean. `steps_ratio` is
+        # `None` when either count is missing or the baseline's is zero.
         rows.append(
             dict(
                 optimizer=name,
@@ -906,6 +1312,12 @@ def summarize(results: list[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
+# ### Writing the summary
+#
+# The CSV file has every number of a row, unrounded, under the row's keys, for
+# whoever wants to plot or test them; the Markdown table has the ones a reader
+# compares, rounded, under readable headings. The two tuples fix the order of the
+# columns.
 CSV_COLUMNS = (
     "optimizer", "impl", "seeds", "steps", "final_val_loss_mean", "final_val_loss_std", "final_val_loss_min",
     "final_val_loss_max", "final_perplexity", "baseline", "target_val_loss", "steps_to_target", "steps_ratio",
@@ -920,6 +1332,8 @@ MARKDOWN_HEADER = (
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     r"""The summary rows as CSV, one column per key of `CSV_COLUMNS` (empty for "not applicable")."""
+    # `newline=""` lets the `csv` module write its own line endings, as its
+    # documentation asks (otherwise Windows gets blank lines between rows).
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
@@ -929,13 +1343,19 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     r"""The summary rows as a Markdown table, with a line saying what the target was."""
+    # A number with its format and unit, or a dash for "not applicable" (a target
+    # never reached, a win rate of AdamW).
     def fmt(value: float | None, spec: str, suffix: str = "") -> str:
         return "—" if value is None else f"{value:{spec}}{suffix}"
 
+    # The header, and the alignment row: the optimizer's name left-aligned, every
+    # number right-aligned so that digits line up.
     lines = [
         "| " + " | ".join(MARKDOWN_HEADER) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(MARKDOWN_HEADER) - 1)) + "|",
     ]
+    # One line per optimizer. The spread over seeds is shown only when there is one;
+    # AdamW has no Hessian, and a dash says so better than "0.0 %".
     for r in rows:
         spread = f" ± {r['final_val_loss_std']:.3f}" if r["seeds"] > 1 else ""
         hessian = "—" if r["optimizer"] == "adamw" else fmt(r["hessian_overhead_pct"], ".1f", " %")
@@ -953,6 +1373,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                 fmt(r["win_rate_mean"], ".2f"),
             ]) + " |"
         )
+    # Under the table, what its numbers mean: a table copied into a report without its
+    # caption should still say what "steps to target" was measured against. The
+    # shared facts (seeds, steps, baseline, target) are the same in every row, so the
+    # first row gives them.
     first = rows[0]
     lines.append("")
     lines.append(
@@ -975,26 +1399,41 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 # that it never changes the backend of a notebook.
 def plot(results: list[RunResult], path: Path, *, title: str = "") -> None:
     r"""Validation loss vs steps and vs wall-clock, mean over seeds with a min-max band, saved to `path`."""
+    # A `Figure` made directly, not through `pyplot`: `pyplot` keeps global state (the
+    # current figure, the backend), and a figure made here should neither appear in a
+    # notebook's output nor stay in memory after it is saved.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     by_name: dict[str, list[RunResult]] = {}
     for r in results:
         by_name.setdefault(r.optimizer, []).append(r)
+    # Attaching an Agg canvas gives the figure a renderer, so that `savefig` works
+    # without `pyplot`. The two panels share the y-axis, so a loss reads the same
+    # on both.
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax_steps, ax_time = fig.subplots(1, 2, sharey=True)
     for name, runs in by_name.items():
+        # The losses evaluation by evaluation, one tuple of seeds each: their mean is
+        # the line, their min and max the band. The band is the whole range, not a
+        # standard error: with a handful of seeds, the range is what was seen.
         losses = list(zip(*(r.val_losses for r in runs)))
         mean = [statistics.fmean(v) for v in losses]
         low, high = [min(v) for v in losses], [max(v) for v in losses]
+        # The x-axes: steps, the same for every seed, and the training seconds at
+        # each evaluation, which are not, and are averaged.
         steps = runs[0].eval_steps
         seconds = _mean_curve(runs, "eval_seconds")
         label = f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        # The band takes the colour of the line, so that each optimizer is one colour
+        # on both panels.
         (line,) = ax_steps.plot(steps, mean, label=label)
         ax_steps.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax_time.plot(seconds, mean, color=line.get_color(), label=label)
         ax_time.fill_between(seconds, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    # Labels with units: the loss is in nats per byte (tokens are bytes), and the
+    # time is training only, as everywhere on this page.
     ax_steps.set_xlabel("optimizer steps")
     ax_steps.set_ylabel("validation loss (nats per byte)")
     ax_steps.set_title("Validation loss vs steps")
@@ -1015,6 +1454,9 @@ def plot(results: list[RunResult], path: Path, *, title: str = "") -> None:
 
 def write_comparison(results: list[RunResult], out: Path, *, title: str = "") -> dict[str, Path]:
     r"""Write `compare.png`, `compare.csv`, `compare.md` and `runs.json` into `out`; return their paths."""
+    # The figure, the summary in two forms, and every run in full (`runs.json`), from
+    # which the other three can be made again, or other summaries computed, without
+    # training anything.
     rows = summarize(results)
     paths = dict(png=out / "compare.png", csv=out / "compare.csv", md=out / "compare.md", json=out / "runs.json")
     plot(results, paths["png"], title=title)
@@ -1042,8 +1484,16 @@ def write_comparison(results: list[RunResult], out: Path, *, title: str = "") ->
 # it down badly on a busy one: threads that wait for each other while another program
 # holds a core made our default comparison several times slower, where one thread
 # merely shared the machine.
+#
+# `_add_common` adds the options both commands share. Their defaults are read from a
+# default `TrainConfig`, so the help text and the dataclass cannot disagree. Where the
+# default depends on another choice (the learning rate on the optimizer, the
+# sequence length on the model) the option defaults to `None`, which `TrainConfig`
+# resolves, and the help says what it resolves to.
 def _add_common(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
+    # `--out` is required: a command-line run always leaves its results somewhere a
+    # reader can find them, and labml's files with them.
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder (created with its parents if missing); labml's files go here too")
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, default=None,
@@ -1051,12 +1501,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step (default %(default)s)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's block size)")
+    # The model: one of the two presets of [`GPTConfig`](model.html), and any of its
+    # sizes overridden one by one.
     parser.add_argument("--model", choices=("cpu", "gpu"), default="cpu",
                         help="model size: cpu (GPTConfig(), ~0.8M parameters) or gpu (GPTConfig.gpu(), ~10M)")
     parser.add_argument("--block-size", type=int, default=None, help="override the model's context length")
     parser.add_argument("--n-layer", type=int, default=None, help="override the model's number of blocks")
     parser.add_argument("--n-head", type=int, default=None, help="override the model's number of heads")
     parser.add_argument("--n-embd", type=int, default=None, help="override the model's width")
+    # The data, then the optimizer's and the schedule's settings.
     parser.add_argument("--data", default=defaults.data,
                         help="stdlib (shipped, offline), shakespeare (downloaded once), or a text file (default %(default)s)")
     parser.add_argument("--data-dir", default=None, help="download cache for --data shakespeare (default ~/.cache/sophia)")
@@ -1067,6 +1520,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
                         help="the optimizer's betas (default: per optimizer)")
     parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="gradient clipping norm, 0 for none")
+    # Evaluation, the device and its threads, and how much to print.
     parser.add_argument("--eval-interval", type=int, default=defaults.eval_interval, help="steps between evaluations")
     parser.add_argument("--eval-iters", type=int, default=defaults.eval_iters, help="validation batches per evaluation")
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... (default %(default)s)")
@@ -1075,6 +1529,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+# The single run takes one optimizer, its learning rate and weight decay, and one
+# seed; the comparison takes lists of optimizers and seeds and one learning rate per
+# optimizer (a single `--lr` for AdamW and Sophia at once would be wrong for one of
+# them, their best values being an order of magnitude apart).
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sophia.train",
@@ -1103,6 +1561,10 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 # `--lr adamw=3e-3 --lr sophiag=6e-4` becomes `{"adamw": {"lr": 0.003}, "sophiag": {"lr": 0.0006}}`.
+# Each value is split at its first `=`; the name must be an optimizer of this
+# comparison (an `--lr` for one that does not run is a typo, not a no-op), and the
+# number a positive, finite float. `from None` drops `float`'s own traceback: the
+# message already says which value was bad. A name given twice keeps its last value.
 def _parse_lrs(values: list[str], optimizers: list[str]) -> dict[str, dict[str, float]]:
     overrides: dict[str, dict[str, float]] = {}
     for value in values:
@@ -1121,6 +1583,9 @@ def _parse_lrs(values: list[str], optimizers: list[str]) -> dict[str, dict[str, 
 
 
 # The fused kernel's "cannot build here" error, if its module imports at all.
+# Imported lazily, so that a machine where `sophia.fused` cannot even be imported can
+# still train with the other implementations; then there is no such error to catch,
+# and the tuple is empty.
 def _fused_errors() -> tuple[type[Exception], ...]:
     try:
         from .fused import FusedUnavailableError
@@ -1129,6 +1594,11 @@ def _fused_errors() -> tuple[type[Exception], ...]:
     return (FusedUnavailableError,)
 
 
+# The options as a `TrainConfig`. The model preset first, then its overridden sizes
+# (checked again by `replace`), then the rest; `extra` carries what only one of the
+# two commands has (the optimizer, its learning rate and weight decay, the seed).
+# Building the configuration is what checks the values: a bad one raises a
+# `ValueError` here, which `main` prints.
 def _config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
     model = GPTConfig() if args.model == "cpu" else GPTConfig.gpu()
     overrides = {name: getattr(args, name) for name in ("block_size", "n_layer", "n_head", "n_embd")
@@ -1146,6 +1616,10 @@ def _config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     r"""The command line: train one model, or `compare` several optimizers. Returns the exit status."""
+    # The first word picks the command: `compare`, or `train` (the default, which may
+    # also be left out). It is read by hand rather than with argparse's subparsers,
+    # so that `python -m sophia.train --optimizer adamw ...` works with no command
+    # word at all.
     argv = list(sys.argv[1:] if argv is None else argv)
     comparing = bool(argv) and argv[0] == "compare"
     if argv and argv[0] in ("compare", "train"):
@@ -1157,9 +1631,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        # One thread on the CPU unless told otherwise (see above); on a GPU the CPU
+        # only launches kernels, and torch's choice stands.
         threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
         if threads is not None:
             torch.set_num_threads(threads)
+        # A comparison: distinct seeds (a repeated seed would count one run twice in
+        # the mean), the base configuration, and each optimizer's learning rate,
+        # tried on a copy of the base so that a bad one is reported now.
         if comparing:
             if len(set(args.seeds)) != len(args.seeds):
                 raise ValueError(f"--seeds must be distinct, got {args.seeds}")
@@ -1170,6 +1649,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base = _config_from_args(args, optimizer=args.optimizer, lr=args.lr,
                                      weight_decay=args.weight_decay, seed=args.seed)
+        # Then the checks that touch the machine: the output folder, the corpus (which
+        # may download), its size against the context, the optional packages.
         out = check_out_dir(args.out)
         corpus = load_corpus(base.data, cache_dir=base.data_dir)
         corpus.check_fits(base.context)
@@ -1183,6 +1664,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
 
+    # The work. A comparison prints its table and the paths it wrote; a single run
+    # prints its final loss, perplexity, timing and, for Sophia, its mean win rate.
+    # Errors found during the work (a download, a kernel build) print their first
+    # line: the rest of such a message can be long (a compiler's log), and the
+    # exception still carries it for whoever calls `train` from Python.
     try:
         if comparing:
             start = time.perf_counter()
@@ -1193,6 +1679,8 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(markdown_table(summarize(results)))
             print(f"total {time.perf_counter() - start:.0f}s; wrote " + ", ".join(str(p) for p in paths.values()))
+        # A single run: the one line a user waits for. The overhead is the share of
+        # the training wall-clock spent in Hessian refreshes (zero for AdamW).
         else:
             result = train(base, corpus=corpus)
             print()

@@ -49,6 +49,23 @@ def test_damaged_snapshot_is_refused(tmp_path, monkeypatch):
         load_corpus("stdlib")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "not gzip"])
+def test_unreadable_snapshot_is_a_clear_error(tmp_path, monkeypatch, damage):
+    raw = bytearray(gzip.compress(b"some text " * 1000))
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif damage == "flipped":
+        for i in range(20, 40):
+            raw[i] ^= 0xFF
+    else:
+        raw = bytearray(b"plain text")
+    bad = tmp_path / "corpus.txt.gz"
+    bad.write_bytes(bytes(raw))
+    monkeypatch.setattr(data, "STDLIB_FILE", bad)
+    with pytest.raises(DataUnavailableError, match="cannot read the shipped corpus|SHA-256"):
+        load_corpus("stdlib")
+
+
 def test_builder_extracts_docstrings_without_importing(tmp_path):
     (tmp_path / "abc.py").write_text('"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n')
     (tmp_path / "collections").mkdir()
