@@ -119,6 +119,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# Only the public class is imported: every Sophia contender is `SophiaG` with a flag, so
+# what is timed is what a user runs, dispatch included.
 from .optimizer import SophiaG
 
 __all__ = ["main", "transformer_like_shapes", "contenders"]
@@ -137,6 +139,12 @@ DEFAULT_REPEATS = 7
 DEFAULT_WARMUP = 3
 DEFAULT_SEED = 0
 BS = 5120
+# The names are the table's labels and the keys of the results. `BASELINE` is the one
+# every ratio divides by: AdamW's foreach step, PyTorch's default on a GPU. The two
+# fused names are those that may be missing on a machine, and the text before the
+# parenthesis is the optimizer's name, which `PASSES` is keyed by. `DTYPES` are the
+# choices of `--dtype`: full precision, and the half precision that large models are
+# usually trained in.
 BASELINE = "AdamW(foreach=True)"
 FUSED_SOPHIA = "SophiaG(fused=True)"
 FUSED_ADAMW = "AdamW(fused=True)"
@@ -171,6 +179,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYER_SHARE = 0.8
 
 
+# The tensors of one transformer block of width $d$, in registration order, as listed
+# above: in all $12d^2 + 13d$ elements.
 def _layer(d: int) -> list[tuple[int, ...]]:
     return [
         (d,), (d,),
@@ -182,15 +192,20 @@ def _layer(d: int) -> list[tuple[int, ...]]:
     ]
 
 
+# `n` tensors of blocks of width `d`, block after block; the last block is cut after its
+# `n`-th tensor.
 def _layers(d: int, n: int) -> list[tuple[int, ...]]:
     block = _layer(d)
     return [block[i % len(block)] for i in range(n)]
 
 
+# Elements in a list of shapes.
 def _numel(shapes: list[tuple[int, ...]]) -> int:
     return sum(math.prod(s) for s in shapes)
 
 
+# The fallback: `n_tensors` vectors whose lengths add up to `n_params`, the first
+# `n_params mod n_tensors` of them one element longer.
 def _vectors(n_params: int, n_tensors: int) -> list[tuple[int, ...]]:
     base, extra = divmod(n_params, n_tensors)
     return [(base + 1,) if i < extra else (base,) for i in range(n_tensors)]
@@ -200,6 +215,7 @@ def transformer_like_shapes(n_params: int, n_tensors: int) -> list[tuple[int, ..
     r"""Shapes of `n_tensors` tensors holding exactly `n_params` elements, laid out like a small GPT's."""
     if not 1 <= n_tensors <= n_params:
         raise ValueError(f"need 1 <= n_tensors <= n_params, got n_tensors={n_tensors}, n_params={n_params}")
+    # Two tensors are the embedding and the final vector; the layers get the rest.
     n_layers = n_tensors - 2
 
     # The width fits when the layers leave room for an embedding with at least one
@@ -209,10 +225,15 @@ def transformer_like_shapes(n_params: int, n_tensors: int) -> list[tuple[int, ..
         body = _numel(_layers(d, n_layers))
         return body + 2 * d <= n_params and body <= LAYER_SHARE * n_params and d * d <= n_params
 
+    # Fewer than two tensors, or too few parameters for even a width of one: plain vectors.
     if n_tensors < 2 or not fits(1):
         return _vectors(n_params, n_tensors)
 
     # `fits` is monotone in `d`, so the largest width is found by doubling, then bisecting.
+    #
+    # Doubling finds a `high` that does not fit in a logarithmic number of calls; bisection
+    # then keeps `low` fitting and `high` not until they are adjacent, so `d = low` is the
+    # largest width that fits.
     low, high = 1, 2
     while fits(high):
         low, high = high, 2 * high
@@ -221,6 +242,10 @@ def transformer_like_shapes(n_params: int, n_tensors: int) -> list[tuple[int, ..
         low, high = (mid, high) if fits(mid) else (low, mid)
     d = low
 
+    # With $N$ = `n_params` and $L$ the layers' elements, the embedding takes
+    # $\lfloor (N - L - d)/d \rfloor$ rows of width $d$ (at least one, by `fits`), and the
+    # final vector the remaining $d + r$ elements, $0 \le r < d$: in all
+    # $d\lfloor (N - L - d)/d \rfloor + L + d + r = N$.
     layers = _layers(d, n_layers)
     rows, remainder = divmod(n_params - _numel(layers) - d, d)
     return [(rows, d), *layers, (d + remainder,)]
@@ -232,9 +257,14 @@ def transformer_like_shapes(n_params: int, n_tensors: int) -> list[tuple[int, ..
 # function that takes one step with the optimizer's ordinary API. Whatever must happen
 # once before timing happens in the factory: for Sophia, one Hessian refresh from the
 # gradients in place.
+#
+# A step is a call with no arguments; what it returns is ignored.
 Step = Callable[[], object]
 
 
+# Sophia with the constructor's defaults and `flags`. The refresh in the factory folds
+# $g \odot g$ into $h$ once, untimed, so that the timed steps see a non-zero $h$ and
+# the clip takes both branches. Each timed step is `step(bs=BS)`, the public call.
 def _sophiag(**flags: bool) -> Callable[[list[Tensor]], Step]:
     def make(params: list[Tensor]) -> Step:
         opt = SophiaG(params, **flags)
@@ -244,6 +274,8 @@ def _sophiag(**flags: bool) -> Callable[[list[Tensor]], Step]:
     return make
 
 
+# AdamW with PyTorch's defaults and `flags`; its step is its bound `step` method. The
+# values of the hyperparameters do not change the work done, so the defaults serve.
 def _adamw(**flags: bool) -> Callable[[list[Tensor]], Step]:
     def make(params: list[Tensor]) -> Step:
         opt = torch.optim.AdamW(params, **flags)
@@ -256,16 +288,22 @@ def _adamw(**flags: bool) -> Callable[[list[Tensor]], Step]:
 # its CPU build), PyTorch's fused AdamW where PyTorch has it for this device and dtype.
 # Where one cannot run, the report says why instead of timing it.
 def _fused_sophia_unavailable(device: torch.device) -> str | None:
+    # A kernel that does not build here (no compiler, no CUDA toolkit) gives the first line
+    # of the reason, for the table.
     from . import fused
 
     try:
         fused.load_extension(device.type)
-    except fused.FusedUnavailableError as error:
+    except (fused.FusedUnavailableError, ValueError) as error:
         return str(error).splitlines()[0]
     return None
 
 
 def _fused_adamw_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    # Whether PyTorch's fused AdamW runs here is asked of PyTorch itself: one step on a
+    # tiny parameter of this device and dtype. Its support has changed between
+    # releases, so trying is more reliable than a list of devices; the error, if any, is
+    # its own explanation.
     try:
         p = torch.zeros(4, device=device, dtype=dtype, requires_grad=True)
         p.grad = torch.ones_like(p)
@@ -279,6 +317,8 @@ def contenders(
     device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
 ) -> list[tuple[str, Callable[[list[Tensor]], Step]]]:
     r"""The implementations to time on `device`, as `(name, factory)` pairs; one of the names is `BASELINE`."""
+    # The order of this list is the order of the table. The fused contenders that cannot run
+    # are filtered out here and reported by `unavailable`.
     found = [
         ("SophiaG(foreach=False)", _sophiag(foreach=False)),
         ("SophiaG(foreach=True)", _sophiag(foreach=True)),
@@ -288,11 +328,14 @@ def contenders(
         (FUSED_ADAMW, _adamw(fused=True)),
     ]
     missing = unavailable(device, dtype)
+    # The list, less the contenders that cannot run here.
     return [(name, make) for name, make in found if name not in missing]
 
 
 def unavailable(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     r"""The fused contenders that cannot run on `device` with `dtype`, with the reason."""
+    # Only the fused contenders can be missing: the reference and foreach steps run on any
+    # device PyTorch runs on.
     reasons = {FUSED_SOPHIA: _fused_sophia_unavailable(device), FUSED_ADAMW: _fused_adamw_unavailable(device, dtype)}
     return {name: reason for name, reason in reasons.items() if reason is not None}
 
@@ -307,10 +350,23 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
 # is that many bytes over the measured time, and we report it as a fraction of the
 # bandwidth of a plain copy (`dst.copy_(src)`, two passes) of a buffer as large as all the
 # parameters together, timed the same way.
+#
+# In symbols: with $P$ passes of $N$ elements of $s$ bytes each, a step that takes a
+# median time $t$ moves at least $PNs$ bytes, an effective bandwidth
+# $$\text{GB/s} = \frac{P\,N\,s}{t}, \qquad \text{fraction of copy} = \frac{P N s / t}{2 N s / t_{copy}} .$$
+# At the same bandwidth, then, an ideal Sophia step takes the fraction
+# `PASSES["SophiaG"] / PASSES["AdamW"]` of an ideal AdamW step: that is why the target
+# above asks the fused Sophia step to beat PyTorch's fused AdamW, not merely to match it. For the reference and foreach
+# versions, which move more than the least (their temporaries, and in `bfloat16` their
+# `float32` working copies), the figure is a measure of efficiency, not of traffic. The
+# step counter, one number per tensor, is left out.
 PASSES = {"SophiaG": 6, "AdamW": 7}
 
 
 def _copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    # One untimed copy first, so that the destination's pages are faulted in and, on a GPU,
+    # the copy kernel is loaded; then as many timed blocks as the contenders get repeats,
+    # and their median. The factor 2 is the copy's two passes: one read, one write.
     src = torch.ones(numel, dtype=dtype, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -327,6 +383,8 @@ def _copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, repeat
 INIT_STD = 0.02
 
 
+# One generator, drawn in a fixed order (weight, then gradient, tensor after tensor):
+# the same seed gives the same numbers on every machine.
 def _master_tensors(shapes: list[tuple[int, ...]], seed: int) -> list[tuple[Tensor, Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [
@@ -336,6 +394,9 @@ def _master_tensors(shapes: list[tuple[int, ...]], seed: int) -> list[tuple[Tens
 
 
 def _copy_for(master: list[tuple[Tensor, Tensor]], device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    # `copy=True` matters: for `float32` on the CPU, `.to` would otherwise return the master
+    # tensor itself, and every contender would step the same memory. Each gradient is set
+    # directly on its parameter, as `backward()` would leave it.
     params = []
     for weight, grad in master:
         p = weight.to(device=device, dtype=dtype, copy=True).requires_grad_()
@@ -349,11 +410,16 @@ def _copy_for(master: list[tuple[Tensor, Tensor]], device: torch.device, dtype: 
 # One block of `steps` steps, timed as described above: synchronize, read the clock,
 # step, synchronize, read the clock. The result is the time of one step, in seconds.
 def _sync(device: torch.device) -> None:
+    # A GPU runs asynchronously: wait for everything queued on it. On the CPU every
+    # operation is done when it returns, so there is nothing to wait for.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _time_block(step: Step, steps: int, device: torch.device) -> float:
+    # The collector is switched off for the block and back on only if it was on before, in
+    # a `finally`, so that an exception in a step cannot leave it off. `perf_counter` is read
+    # after the synchronization, never before it.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -366,6 +432,7 @@ def _time_block(step: Step, steps: int, device: torch.device) -> float:
     finally:
         if gc_was_enabled:
             gc.enable()
+    # The block's time over its length: one sample of the time per step.
     return (stop - start) / steps
 
 
@@ -374,6 +441,8 @@ def _time_block(step: Step, steps: int, device: torch.device) -> float:
 def _run(
     steps_by_name: dict[str, Step], *, steps: int, repeats: int, warmup: int, device: torch.device
 ) -> dict[str, list[float]]:
+    # The warm-up first, for every contender; then the device is drained and the garbage
+    # of the warm-up collected, so that the first timed block does not pay for it.
     names = list(steps_by_name)
     for name in names:
         for _ in range(warmup):
@@ -381,6 +450,8 @@ def _run(
     _sync(device)
     gc.collect()
 
+    # In repeat $r$, the $i$-th turn goes to contender $(r + i) \bmod n$: each contender
+    # leads one repeat in $n$, and follows a different neighbour from one repeat to the next.
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for i in range(len(names)):
@@ -396,8 +467,11 @@ def _run(
 # CPU threads torch uses (the CPU step is split across them).
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
+        # A GPU is named as its driver names it, which identifies the model and its memory.
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
+        # On Linux the CPU's model is in `/proc/cpuinfo`; elsewhere (or if the file cannot be
+        # read) `platform` knows at least the architecture.
         try:
             for line in Path("/proc/cpuinfo").read_text().splitlines():
                 if line.startswith("model name"):
@@ -405,6 +479,7 @@ def _device_name(device: torch.device) -> str:
         except OSError:
             pass
         return platform.processor() or platform.machine() or "cpu"
+    # Any other device is named by its string (`xpu:0`, ...).
     return str(device)
 
 
@@ -418,6 +493,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sophia.benchmark",
         description="Time the optimizer step alone: SophiaG (reference, foreach, fused) against torch.optim.AdamW.",
     )
+    # The defaults are the module's constants, shown in `--help`; the device is a GPU when
+    # there is one. `--threads` has no default: without it, torch keeps its own choice.
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help="torch device (default: %(default)s)")
     parser.add_argument("--params", type=int, default=DEFAULT_PARAMS, help="total number of parameters (default: %(default)s)")
@@ -434,7 +511,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
     parser = _parser()
+    # `argparse` has already refused unknown options, non-integers and a `--dtype` outside
+    # `DTYPES`; what remains are the checks it cannot express.
     args = parser.parse_args(argv)
+    # The numbers first: each has a lower bound (`--warmup` may be zero), and there cannot
+    # be more tensors than parameters, since every tensor holds at least one element.
     for option, value, low in (
         ("--params", args.params, 1),
         ("--tensors", args.tensors, 1),
@@ -448,6 +529,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
     if args.tensors > args.params:
         parser.error(f"argument --tensors: {args.tensors} tensors cannot hold only {args.params} parameters (--params)")
 
+    # Then the device, in three steps: a string `torch.device` can parse; CUDA present if
+    # asked for; and one empty allocation, which catches a device that parses but does not
+    # exist (`cuda:7` on a machine with one GPU) or that this build of PyTorch cannot use.
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as e:
@@ -459,6 +543,8 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
     except (RuntimeError, AssertionError, ValueError) as e:
         parser.error(f"argument --device: cannot allocate on {args.device!r} ({str(e).splitlines()[0]})")
 
+    # The JSON file's folder must exist now: finding out after a run of minutes that the
+    # results cannot be written would waste the run.
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"argument --json: the folder {str(args.json.parent)!r} does not exist")
     return args, device
@@ -469,6 +555,8 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
 # The table lists the contenders in the order of `contenders()`. The ratio is the
 # median over the baseline's median, so the baseline reads exactly `1.00x`.
 def _print_report(results: dict) -> None:
+    # First the facts that make two runs comparable (device, threads, parameters, timing),
+    # then the copy bandwidth, then the table, then the contenders that did not run.
     print("sophia.benchmark: the optimizer step alone (no forward, no backward)")
     print(f"device   {results['device']} ({results['device_name']})")
     print(f"torch    {results['torch']}, {results['threads']} CPU threads")
@@ -480,6 +568,8 @@ def _print_report(results: dict) -> None:
     print()
     print(f"copy     {results['copy_bandwidth_gbs']:.1f} GB/s (dst.copy_(src) over a buffer of all the parameters)")
     print()
+    # The name column is as wide as the longest name; the ratio's heading names the baseline,
+    # so the table says what it is relative to.
     name_width = max(len("implementation"), *(len(n) for n in results["results"]))
     header = (
         f"{'implementation':<{name_width}}  {'ms/step (median)':>16}  {'min':>8}  {'vs ' + results['baseline']:>24}"
@@ -487,6 +577,8 @@ def _print_report(results: dict) -> None:
     )
     print(header)
     print("-" * len(header))
+    # One row per contender that ran, in the order of `contenders()`; then those that did
+    # not, with the reason.
     for name, r in results["results"].items():
         print(
             f"{name:<{name_width}}  {r['median_ms']:>16.3f}  {r['min_ms']:>8.3f}  {r['ratio']:>23.2f}x"
@@ -495,6 +587,7 @@ def _print_report(results: dict) -> None:
     for name, reason in results["unavailable"].items():
         print(f"{name:<{name_width}}  not run: {reason}")
     print()
+    # A footnote, so that the bandwidth column is never read as measured traffic.
     print("GB/s: the least bytes a step must move (6 tensor-passes for Sophia, 7 for AdamW) over its median time.")
 
 
@@ -502,24 +595,42 @@ def _print_report(results: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     r"""Run the benchmark with command-line arguments `argv`, print the table, and return the results."""
     args, device = _parse(argv)
+    # The threads are set before the parameters are made, so that every operation, the
+    # copy's included, runs with the same number.
     dtype = DTYPES[args.dtype]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
+    # The shapes, the master tensors, and the contenders that can run here. Each contender
+    # gets its own converted copy; then the master is dropped, so that it does not hold
+    # memory during the run.
     shapes = transformer_like_shapes(args.params, args.tensors)
     master = _master_tensors(shapes, args.seed)
+    # Asked once for the report and once inside `contenders()`: the builds are cached, so the
+    # second asking costs nothing but the fused AdamW probe.
     missing = unavailable(device, dtype)
     timed = contenders(device, dtype)
     copies = {name: _copy_for(master, device, dtype) for name, _ in timed}
     del master
+    # The factories build the optimizers (and fill Sophia's $h$) outside any timing. The
+    # element count and size are read from the tensors actually timed.
     steps_by_name = {name: make(copies[name]) for name, make in timed}
     counted = next(iter(copies.values()))
     numel = sum(p.numel() for p in counted)
     element_size = counted[0].element_size()
 
+    # The timed run, then the copy bandwidth, on the same machine, with as many repeats.
     samples = _run(steps_by_name, steps=args.steps, repeats=args.repeats, warmup=args.warmup, device=device)
     copy_bandwidth = _copy_bandwidth(numel, dtype, device, args.repeats)
 
+    # The results, as printed and as written to JSON: the run's facts, and per contender
+    # the median and minimum in milliseconds, the ratio to the baseline's median, the
+    # effective bandwidth from `PASSES`, and every sample, so that a reader can look at the
+    # spread rather than trust a summary.
+    #
+    # The bandwidth looks `PASSES` up by the text before the parenthesis of the name: a new
+    # contender must be named `Optimizer(...)` after an optimizer that has an entry there,
+    # or the lookup fails with a `KeyError`, after the whole run.
     baseline_median = statistics.median(samples[BASELINE])
     results = {
         "device": str(device),
@@ -549,12 +660,17 @@ def main(argv: list[str] | None = None) -> dict:
             for name, times in samples.items()
         },
     }
+    # Each bandwidth as a fraction of the copy's, once the copy's is in the results.
     for r in results["results"].values():
         r["bandwidth_fraction"] = r["bandwidth_gbs"] / results["copy_bandwidth_gbs"]
     _print_report(results)
+    # The JSON holds everything the table shows and the samples behind it, to be compared or
+    # plotted later.
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    # The table is flushed before returning: when standard output is a pipe it is buffered,
+    # and a caller that writes to standard error next would otherwise interleave the two.
     sys.stdout.flush()
     return results
 

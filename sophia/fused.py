@@ -76,6 +76,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# The kernel is grouped by the foreach version's own function, so the two make the same
+# groups, and complex tensors become real views with the reference's `_as_real`: one
+# definition of each, shared by the three implementations.
 from .foreach import group_by_device_and_dtype
 from .reference import _as_real
 
@@ -84,10 +87,22 @@ from .reference import _as_real
 #
 # A build that cannot happen raises `FusedUnavailableError`, a `RuntimeError` whose
 # message says what is missing and how to get it.
+#
+# It subclasses `RuntimeError` because that is what PyTorch raises for a device or build
+# that cannot do what is asked, so code that already catches PyTorch's failures catches
+# this one too. Having a class of its own lets `fused=None`, the demo and the benchmark
+# tell "cannot be built here" (fall back, or report) from a genuine bug (let it raise).
 class FusedUnavailableError(RuntimeError):
     r"""The fused kernel cannot be built or loaded on this machine; the message says why."""
 
 
+# The sources live next to this file, in `csrc/`, and are installed with the package.
+# `_BUILDS` holds, per device type, the loaded module or the error that stopped it, so
+# each build is attempted at most once per process: a build that failed once would
+# almost surely fail again, and trying again at every step could cost a minute per step. `_BUILD_LOCK`
+# makes "check the cache, else build" one operation, so two threads that step at the same
+# time do not both start a build. (Between processes, `torch.utils.cpp_extension` keeps a
+# lock file in the build directory.)
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _BUILD_LOCK = threading.Lock()
 _BUILDS: dict[str, ModuleType | FusedUnavailableError] = {}
@@ -98,20 +113,32 @@ _BUILDS: dict[str, ModuleType | FusedUnavailableError] = {}
 # CUDA build a CUDA build of PyTorch and a CUDA toolkit whose `nvcc` has the same major
 # version as the CUDA that PyTorch was built with.
 def _missing(device_type: str) -> list[str]:
+    # `torch.utils.cpp_extension` is imported where it is needed, not at the top: it pulls
+    # in `setuptools`, which every import of this package would otherwise pay for.
     from torch.utils import cpp_extension
 
+    # Each missing piece is a line of the message, so one error lists all of them. `ninja`
+    # first: `cpp_extension.load` refuses to run without it.
     missing = []
     if not cpp_extension.is_ninja_available():
         missing.append("the ninja build tool (`pip install ninja`)")
+    # The compiler `cpp_extension` will call: `$CXX` if set, else the platform's default.
     compiler = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")
     if shutil.which(compiler) is None:
         missing.append(
             f"a C++ compiler (looked for `{compiler}`; set CXX to choose one): "
             "g++ (`apt install g++`), Xcode's command-line tools, or the MSVC build tools"
         )
+    # The extension's binding includes `Python.h` (through pybind11); some Linux
+    # distributions ship it in a separate package.
     include = sysconfig.get_paths().get("include")
     if include is None or not Path(include, "Python.h").exists():
         missing.append("Python's C headers (`apt install python3-dev`, or a Python that ships them)")
+    # The CUDA build needs a PyTorch built for CUDA, a toolkit, and a toolkit of the same
+    # major version. `cpp_extension.load` does not compare the versions itself, and a
+    # mismatch would surface later as a compiler or loader error far from its cause
+    # (PyTorch's setup-time builds refuse a different major version for the same reason).
+    # Checking it here gives one message that names both versions and the fix.
     if device_type == "cuda":
         if torch.version.cuda is None:
             missing.append(
@@ -124,6 +151,9 @@ def _missing(device_type: str) -> list[str]:
                 "install it and set CUDA_HOME to its directory"
             )
         else:
+            # Only the major versions must agree: within a major version CUDA keeps binary
+            # compatibility, so a toolkit slightly older or newer than PyTorch's builds a kernel
+            # that links with it.
             nvcc = _nvcc_version(cpp_extension.CUDA_HOME)
             if nvcc is None:
                 missing.append(f"a working nvcc under CUDA_HOME={cpp_extension.CUDA_HOME}")
@@ -135,6 +165,9 @@ def _missing(device_type: str) -> list[str]:
     return missing
 
 
+# `nvcc --version` ends with a line like "Cuda compilation tools, release X.Y, ...":
+# we keep `X.Y`. Any failure (no binary, no permission, a hang cut short by the
+# `timeout`, an unexpected output) means "no working nvcc", reported as such above.
 def _nvcc_version(cuda_home: str) -> str | None:
     nvcc = Path(cuda_home, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
     try:
@@ -157,12 +190,18 @@ def _nvcc_version(cuda_home: str) -> str | None:
 # build differently, so that a cache shared between machines never hands this build
 # to a CPU without the instruction. (ARM CPUs always have it.)
 def _cpu_flags() -> tuple[str, list[str], list[str]]:
+    # On Windows, MSVC's flags; `/fp:precise` already forbids the contraction that
+    # `-ffp-contract=off` forbids elsewhere.
     if sys.platform == "win32":
         return "sophia_fused_cpu", ["/O2", "/fp:precise", "/openmp"], []
     cflags, ldflags = ["-O3", "-ffp-contract=off"], []
+    # Apple's clang has no `-fopenmp` out of the box: on macOS the blocks of a launch run
+    # one after another, which is correct and only slower.
     if sys.platform != "darwin":
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
+    # The test on `get_cpu_capability()` rides on PyTorch's own CPU detection, which
+    # reports `AVX2` or `AVX512` only for a CPU that also has fused multiply-add.
     name = "sophia_fused_cpu"
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         cflags.append("-mfma")
@@ -170,6 +209,14 @@ def _cpu_flags() -> tuple[str, list[str], list[str]]:
     return name, cflags, ldflags
 
 
+# ### One build
+#
+# The checks above come first, so that a machine without a compiler gets the list of
+# what to install instead of a compiler's error. Then `cpp_extension.load` compiles the
+# sources into a Python module, in a directory named after the build
+# (`$TORCH_EXTENSIONS_DIR`, by default under `~/.cache/torch_extensions`), and loads it.
+# It recompiles only when a source file or a flag has changed: the first call takes under
+# a minute, later ones (in this or another process) only load the library.
 def _build(device_type: str) -> ModuleType:
     missing = _missing(device_type)
     if missing:
@@ -178,6 +225,9 @@ def _build(device_type: str) -> ModuleType:
         )
     from torch.utils import cpp_extension
 
+    # The two builds share the binding. The CPU build compiles the launcher as C++ with the
+    # CUDA kernel included through the emulation header; the CUDA build compiles the
+    # launcher with `nvcc`, and `SOPHIA_BUILD_CUDA` tells the binding which device it serves.
     if device_type == "cpu":
         name, cflags, ldflags = _cpu_flags()
         kwargs = dict(
@@ -186,14 +236,22 @@ def _build(device_type: str) -> ModuleType:
             extra_ldflags=ldflags,
         )
     else:
+        # `nvcc` compiles for the GPU architectures in `TORCH_CUDA_ARCH_LIST` or, where that is
+        # unset, for the GPUs visible when the build runs: build on the kind of machine that will
+        # run the kernel.
         name = "sophia_fused_cuda"
         kwargs = dict(
             sources=[str(_CSRC / "binding.cpp"), str(_CSRC / "sophia_launcher.cu")],
             extra_cflags=["-O3", "-DSOPHIA_BUILD_CUDA"] if sys.platform != "win32" else ["/O2", "/DSOPHIA_BUILD_CUDA"],
             extra_cuda_cflags=["-O3"],
         )
+    # Any failure of the compiler or the loader becomes a `FusedUnavailableError` that
+    # says where the sources and the build directory are, followed by the compiler's log.
+    # Only the end of a long log is kept: that is where the compiler's error summary is,
+    # and an exception message of many screens hides more than it shows.
     try:
         return cpp_extension.load(name=name, verbose=False, **kwargs)
+    # `from error` keeps the compiler's exception chained, with its own traceback.
     except Exception as error:
         log = str(error)
         raise FusedUnavailableError(
@@ -209,12 +267,18 @@ def load_extension(device_type: str) -> ModuleType:
     Raises `FusedUnavailableError` (a `RuntimeError`) saying what is missing. A failure
     is remembered: a second call raises the same error without trying again.
     """
+    # Another device type is a programming error, not a missing tool: a `ValueError`,
+    # raised before the lock, and never cached.
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"the fused kernel has a 'cpu' and a 'cuda' build, got device type {device_type!r}")
+    # Build or fetch, under the lock; a failure is cached like a success. The cached error is
+    # raised outside the lock, so a thread that raises never holds it.
     with _BUILD_LOCK:
         if device_type not in _BUILDS:
             try:
                 _BUILDS[device_type] = _build(device_type)
+            # Only the expected failure is cached. Anything else is a bug, not a missing tool: it
+            # propagates, uncached, and the next call tries again.
             except FusedUnavailableError as error:
                 _BUILDS[device_type] = error
         built = _BUILDS[device_type]
@@ -225,6 +289,8 @@ def load_extension(device_type: str) -> ModuleType:
 
 def fused_available(device_type: str) -> bool:
     r"""True if the fused kernel for `device_type` is built or can be built here. Never raises."""
+    # Any exception at all means "not here": this answers the question `fused=None` asks
+    # before quietly choosing foreach, and a question must not raise.
     try:
         load_extension(device_type)
     except Exception:
@@ -239,10 +305,16 @@ def fused_available(device_type: str) -> bool:
 # reference). Everything is checked in Python, before the first write, with a message
 # that names the tensor and says what it is; the binding checks again, in C++, as a
 # last line of defence.
+#
+# `STORAGE_DTYPES` are the four storage types the launcher has a code for; complex
+# tensors reach it as their real views, so `COMPLEX_DTYPES` are those whose real view is
+# one of them.
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 
 
+# What an error message says about a tensor: enough to find it in the model (shape,
+# dtype, device) and to see what is wrong with it (layout, strides).
 def _describe(t: Tensor) -> str:
     text = f"dtype {t.dtype}, device {t.device}, layout {t.layout}, shape {tuple(t.shape)}"
     if t.layout == torch.strided:
@@ -251,25 +323,45 @@ def _describe(t: Tensor) -> str:
 
 
 def _check_tensor(name: str, i: int, t: Any) -> None:
+    # The checks, in the order in which each one makes the next meaningful. Only a dense
+    # (strided) tensor has strides and contiguity; the device must be one the kernel has a
+    # build for; the dtype one of the storage types.
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
         raise TypeError(f"{name}[{i}] has layout {t.layout} ({_describe(t)}); the fused kernel takes dense tensors")
+    # A tensor on another device (`mps`, `xpu`, `meta`) has no build to go to: a
+    # `RuntimeError`, as PyTorch raises for a device an op does not support.
     if t.device.type not in ("cpu", "cuda"):
         raise RuntimeError(
             f"{name}[{i}] is on device {t.device} ({_describe(t)}); the fused kernel runs on cuda, "
             "and on cpu through its CPU build"
         )
+    # Integer and Boolean tensors are not something an optimizer steps, and the `float8`
+    # types have no storage code in the launcher: all are refused by name.
     if t.dtype not in STORAGE_DTYPES + COMPLEX_DTYPES:
         raise TypeError(
             f"{name}[{i}] has dtype {t.dtype} ({_describe(t)}); the fused kernel takes torch.float32, "
             "torch.float16, torch.bfloat16, torch.float64, and torch.complex64/128 as pairs of reals"
+        )
+    # A lazy view (`z.conj()` of a complex tensor, or the negation PyTorch keeps as a flag)
+    # shares memory with its base and only marks that the values are to be conjugated or
+    # negated when read. The kernel reads raw memory and would miss the mark: it would
+    # compute with $z$ instead of $\bar z$, or with $x$ instead of $-x$.
+    # An inference tensor (made under `torch.inference_mode()`) cannot be written in
+    # place outside that mode, and the binding refuses it; refuse it here, before the
+    # first write of the step.
+    if t.is_inference():
+        raise RuntimeError(
+            f"{name}[{i}] is an inference tensor ({_describe(t)}); the optimizer cannot update it in place"
         )
     if t.is_conj() or t.is_neg():
         raise ValueError(
             f"{name}[{i}] is a lazy conjugated or negated view ({_describe(t)}); "
             "call .resolve_conj() / .resolve_neg() first"
         )
+    # The kernel addresses element $i$ of a tensor at its data pointer plus $i$: that is
+    # only the tensor's element $i$ when the tensor is contiguous.
     if not t.is_contiguous():
         raise ValueError(
             f"{name}[{i}] is not contiguous ({_describe(t)}); the fused kernel needs contiguous tensors "
@@ -284,6 +376,7 @@ def check_fused_tensors(tensors_by_name: dict[str, list[Tensor]]) -> None:
     list of tensors. Each tensor is checked on its own: dtype, layout, device,
     contiguity.
     """
+    # All lists, all tensors, before anything else happens; the first failure raises.
     for name, tensors in tensors_by_name.items():
         for i, t in enumerate(tensors):
             _check_tensor(name, i, t)
@@ -291,6 +384,8 @@ def check_fused_tensors(tensors_by_name: dict[str, list[Tensor]]) -> None:
 
 def fused_supports(tensors: list[Tensor]) -> bool:
     r"""True if the fused kernel takes every tensor of `tensors`. Never raises."""
+    # The same checks as a yes-or-no answer: `fused=None` uses it to decide, without an
+    # error, whether this group's tensors can go to the kernel.
     try:
         check_fused_tensors({"tensors": list(tensors)})
     except (TypeError, ValueError, RuntimeError):
@@ -303,6 +398,9 @@ def fused_supports(tensors: list[Tensor]) -> bool:
 # the optimizer makes its state with its parameter's dtype). `first` names the list
 # the others are compared with.
 def _check_parallel(lists: dict[str, list], first: str, *, same_dtype: bool) -> None:
+    # Lengths first, so that indexing below is safe; then, at each index, every list against
+    # `first`. A complex tensor paired with a real one would have a real view of a different
+    # shape, so it is refused as a dtype mismatch with both dtypes named.
     n = len(lists[first])
     for name, tensors in lists.items():
         if len(tensors) != n:
@@ -314,6 +412,8 @@ def _check_parallel(lists: dict[str, list], first: str, *, same_dtype: bool) -> 
                 raise ValueError(f"{name}[{i}] is on {t.device} but {first}[{i}] is on {ref.device}")
             if t.shape != ref.shape:
                 raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but {first}[{i}] has {tuple(ref.shape)}")
+            # The step needs the four tensors of an index in one dtype: a launch has one storage
+            # type. The EMA does not (`same_dtype=False`): its estimates are converted first.
             if same_dtype and t.dtype != ref.dtype:
                 raise TypeError(
                     f"{name}[{i}] has dtype {t.dtype} but {first}[{i}] has {ref.dtype}; the fused kernel "
@@ -323,6 +423,9 @@ def _check_parallel(lists: dict[str, list], first: str, *, same_dtype: bool) -> 
                 raise TypeError(f"{name}[{i}] has dtype {t.dtype} but {first}[{i}] has {ref.dtype} (complex and real)")
 
 
+# A scalar argument (`lr`, `grad_scale`, `found_inf`) is a Python number or a tensor that
+# holds one floating-point value: the kernel reads a single `float32` from its address,
+# and a tensor of several values has no single value to give it.
 def _check_one_value(name: str, value: Any) -> None:
     if isinstance(value, Tensor) and (value.numel() != 1 or not value.is_floating_point()):
         raise ValueError(f"{name} as a tensor must hold one floating-point value, got {_describe(value)}")
@@ -330,6 +433,9 @@ def _check_one_value(name: str, value: Any) -> None:
 
 # The extensions for the devices of `tensors`, built (or found unavailable) before
 # anything is written.
+#
+# In sorted order, so that two runs build in the same order and report the same first
+# failure.
 def _extensions(tensors: list[Tensor]) -> dict[str, ModuleType]:
     return {device_type: load_extension(device_type) for device_type in sorted({t.device.type for t in tensors})}
 
@@ -339,10 +445,23 @@ def _extensions(tensors: list[Tensor]) -> dict[str, ModuleType]:
 # `grad_scale`, `found_inf` and a tensor `lr` go to the kernel as one `float32` in the
 # memory of the group's device. A copy between GPUs does not wait for the host; a
 # copy to the CPU does (and must: the CPU reads it right away).
+#
+# When the tensor already is a `float32` tensor on `device`, `.to` returns the tensor
+# itself, no copy: the kernel then reads the caller's memory at each launch. That is
+# what lets a CUDA graph captured around `step()` follow a learning-rate schedule that
+# writes into the `lr` tensor between replays. Otherwise (another dtype, another GPU)
+# the copy is itself an operation on the stream, captured with the graph, so replays
+# read the source again.
 def _on_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device=device, dtype=torch.float32, non_blocking=device.type == "cuda")
 
 
+# The learning rate goes to the kernel as a number (`lr_value`) or as an address
+# (`lr_tensor`, and then `lr_value` is unused). A Python number goes by value. A
+# tensor on the CPU, for a GPU group, is read on the host (`.item()` of a CPU tensor
+# waits for nothing) and goes by value: under CUDA graph capture, that value is frozen
+# into the graph, so keep a captured schedule's `lr` on the device. A tensor anywhere
+# else goes by address, on the group's device.
 def _lr_for(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
     if not isinstance(lr, Tensor):
         return float(lr), None
@@ -351,6 +470,11 @@ def _lr_for(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | N
     return 0.0, _on_device(lr, device)
 
 
+# The kernel is launched on PyTorch's current stream for the group's device, under that
+# device's guard. So it runs after the work already queued there (the backward pass
+# that wrote the gradients), before whatever the caller queues next, and a graph capture
+# of that stream captures it.
+# On the CPU there is no stream: `0`, and nothing to enter.
 def _stream_and_device(device: torch.device) -> tuple[int, contextlib.AbstractContextManager]:
     if device.type == "cuda":
         return torch.cuda.current_stream(device).cuda_stream, torch.cuda.device(device)
@@ -365,13 +489,20 @@ def _stream_and_device(device: torch.device) -> tuple[int, contextlib.AbstractCo
 # (Subtracting `found_inf`, as some fused optimizers do, would be wrong when the flag is
 # a sum over devices and exceeds one.)
 def _count_steps(state_steps: list[Tensor], found_inf: Tensor | None) -> None:
+    # Without a scaler: one foreach add over all counters, wherever they live.
     if found_inf is None:
         torch._foreach_add_(state_steps, 1)
         return
+    # With a scaler: the increment is the Boolean $[\text{found\_inf} = 0]$, computed where
+    # the flag is, then copied (as `0.0` or `1.0`) to each `(device, dtype)` of the
+    # counters, since a foreach add needs its operands on one device. The only copy that
+    # waits is one from a GPU to the CPU.
     not_skipped = found_inf.reshape(()) == 0
     by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
     for step in state_steps:
         by_kind[(step.device, step.dtype)].append(step)
+    # One add per kind of counter: CPU counters (the default) form one kind, device counters
+    # (`capturable`, `fused`) one per device.
     for (device, dtype), steps in by_kind.items():
         increment = not_skipped.to(device=device, dtype=dtype)
         torch._foreach_add_(steps, [increment] * len(steps))
@@ -380,6 +511,8 @@ def _count_steps(state_steps: list[Tensor], found_inf: Tensor | None) -> None:
 # The kernel writes memory behind autograd's back; tell autograd, as any in-place op
 # does, so that a tensor saved for backward and then changed here is caught.
 def _mark_written(tensors: list[Tensor]) -> None:
+    # `torch.autograd.graph.increment_version` is a recent addition; on a PyTorch without it
+    # the bump is skipped, and only that safety check is lost, not the step.
     increment_version = getattr(torch.autograd.graph, "increment_version", None)
     if increment_version is not None:
         for t in tensors:
@@ -410,29 +543,43 @@ def sophiag_fused(
     found_inf: Tensor | None = None,
 ) -> None:
     r"""Take one Sophia step on every tensor of `params` with the fused kernel, in place."""
+    # The checks. Every tensor on its own, then the four lists against each other, then the
+    # counters and the scalars. A refused call returns here, with nothing written.
     lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
     check_fused_tensors(lists)
     _check_parallel(lists, "params", same_dtype=True)
+    # The counters never reach the kernel (`_count_steps` counts them with PyTorch ops,
+    # wherever they live), so one tensor per parameter is all that is asked of them.
     if len(state_steps) != len(params) or not all(isinstance(s, Tensor) for s in state_steps):
         raise TypeError(f"state_steps must be {len(params)} tensors, one per parameter")
     _check_one_value("lr", lr)
     _check_one_value("grad_scale", grad_scale)
     _check_one_value("found_inf", found_inf)
+    # Nothing to step (a group whose parameters have no gradients): no build, no launch.
     if not params:
         return
     # `GradScaler` sums its per-device flags; with no flag at all that sum is the number 0.
+    #
+    # A flag that is a Python number is read on the host: non-zero skips the whole call
+    # (nothing counted, nothing written), zero is the same as no flag.
     if found_inf is not None and not isinstance(found_inf, Tensor):
         if found_inf:
             return
         found_inf = None
+    # The builds, or the `FusedUnavailableError` that says why there is none. Still nothing
+    # written: a machine without a compiler fails here, with the parameters untouched.
     extensions = _extensions(params)
 
     # Reference: the loop over tensors, here one kernel call per `(device, dtype)`
     # group, complex tensors viewed as real (as in the foreach version).
     groups = group_by_device_and_dtype(*[[_as_real(t) for t in tensors] for tensors in lists.values()])
+    # For each group, the arguments of its call, including the scalars copied to its device
+    # (see `_on_device`). These copies are new tensors: the caller's are only read.
     calls = []
     for group_params, group_grads, group_exp_avgs, group_hessians in groups.values():
         device = group_params[0].device
+        # The learning rate as this group's kernel will read it: a number, or an address on
+        # this group's device.
         lr_value, lr_tensor = _lr_for(lr, device)
         calls.append(
             (
@@ -444,17 +591,26 @@ def sophiag_fused(
         )
 
     # Reference: `step += 1`.
+    #
+    # The first write. The counters are all counted at once, before the kernels, with the
+    # increment computed on the device: under a scaler they move only if the step happens.
     _count_steps(state_steps, found_inf)
 
     # Reference: the step's statements, for every element of the group, in one kernel.
     # `rho * bs` is the reference's Python product; the kernel derives the other
     # constants from these numbers as the reference does.
+    #
+    # One call per group; within it, the launcher packs many tensors into each launch (see
+    # the [launcher](csrc/sophia_launcher.html)). `maximize` is the flag, not a negated
+    # gradient: the kernel negates as it reads, and the gradient in memory is left as it is.
     for device, (ps, gs, ms, hs, lr_value, lr_tensor), scale, inf in calls:
         stream, on_device = _stream_and_device(device)
         with on_device:
             extensions[device.type].fused_step(
                 ps, gs, ms, hs, lr_value, lr_tensor, beta1, rho * bs, weight_decay, eps, maximize, scale, inf, stream
             )
+    # The kernel wrote `param` and `exp_avg`, so those have their version bumped (see
+    # `_mark_written`); `grad` and `hessian` were only read.
     _mark_written(params + exp_avgs)
 
 
@@ -476,21 +632,32 @@ def hessian_ema_fused(
     square: bool,
 ) -> None:
     r"""Fold one estimate per tensor into `hessians` with the fused kernel, in place."""
+    # The checks: every tensor, then the two lists index by index, but without requiring one
+    # dtype (estimates are converted below). Then, if there is anything to do, the build.
     lists = dict(hessians=hessians, estimates=estimates)
     check_fused_tensors(lists)
     _check_parallel(lists, "hessians", same_dtype=False)
+    # No estimates to fold (no parameter had one): nothing to build, nothing to launch.
     if not hessians:
         return
+    # The build comes before the conversions below, so that a machine without a compiler
+    # fails before anything is allocated.
     extensions = _extensions(hessians)
 
+    # Complex tensors as real views, then each estimate in its Hessian's dtype. The
+    # conversion makes a new tensor: the caller's estimate is not changed.
     real_hessians = [_as_real(h) for h in hessians]
     real_estimates = [_as_real(e) for e in estimates]
     real_estimates = [e if e.dtype == h.dtype else e.to(h.dtype) for h, e in zip(real_hessians, real_estimates)]
 
+    # Reference: the loop over tensors, here one call per `(device, dtype)` group, as in the
+    # step. `square` selects $\hat g \odot \hat g$ or $\hat h$ as the estimate, as in the
+    # reference.
     for group_hessians, group_estimates in group_by_device_and_dtype(real_hessians, real_estimates).values():
         stream, on_device = _stream_and_device(group_hessians[0].device)
         with on_device:
             extensions[group_hessians[0].device.type].hessian_ema(
                 group_hessians, group_estimates, beta2, square, stream
             )
+    # Only the Hessian EMA was written.
     _mark_written(hessians)

@@ -53,6 +53,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+# The three implementations of the step come from their own modules, and they share one
+# signature (that of `sophiag_reference`), so this module can hold them in a table and
+# pick one per group. The fused module is imported only where it is used, inside the
+# functions below: a user who never asks for the kernel never loads the code that builds
+# it.
 from .foreach import hessian_ema_foreach, sophiag_foreach
 from .hessian import hutchinson
 from .reference import hessian_ema_reference, sophiag_reference, unclipped_count_reference
@@ -67,10 +72,19 @@ __all__ = ["SophiaG", "SophiaH"]
 # scheduler or a user may edit `param_groups[i]["lr"]` at any time: a NaN learning rate
 # caught before the step costs nothing, one caught after has already been written into
 # every parameter.
+#
+# A number is an `int` or a `float`, but not a `bool`: in Python `True` is the integer 1,
+# so without this exclusion `SophiaG(params, True)` (a flag passed in the `lr` slot)
+# would train with $\eta_t = 1$. NumPy's `float64` subclasses `float` and passes.
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# One number against its lower bound. `math.isfinite` is checked along with the bound:
+# $+\infty$ passes every lower bound, and NaN fails every comparison, so a bound alone
+# would let an infinite learning rate through. `low_inclusive` says whether the bound
+# itself is allowed: $\eta_t = 0$ (the first step of a warm-up) and $\lambda = 0$ (no
+# decay) are legitimate, $\rho = 0$ and $\epsilon = 0$ are not (see `_check_group`).
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool) -> None:
     if not _is_number(value):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
@@ -80,6 +94,22 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool) -> 
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
+# A whole parameter group, with `where` naming it in the message (`""` for the
+# constructor's defaults, `"param_groups[i]: "` afterwards). The bounds, and what goes
+# wrong outside them:
+#
+# * $\rho > 0$: with $\rho = 0$ the preconditioner $\max(\rho B h, \epsilon)$ is always
+#   $\epsilon$ and every step is a sign step, whatever $h$ says;
+# * $\epsilon > 0$: with $\epsilon = 0$ a coordinate with $m = 0$ and $h = 0$ (an
+#   embedding row no batch has touched yet, before the first refresh) computes $0/0$, a
+#   NaN that is then written into $\theta$;
+# * $\lambda \ge 0$: a negative decay grows the weights;
+# * $\beta_1, \beta_2 \in [0, 1)$: at $\beta = 1$ an EMA never leaves its initial zeros,
+#   so $m_t = 0$ (no step at all, only the decay) or $h_t = 0$ (sign steps forever);
+# * the flags are real `bool`s (or `None` where "choose for me" is meant), not merely
+#   truthy values: `capturable="no"` is truthy and would mean `True`;
+# * `foreach=True` together with `fused=True` asks for two implementations at once;
+#   `torch.optim.AdamW` refuses the same combination.
 def _check_group(group: dict, where: str, *, at_step: bool = False) -> None:
     _check_lr(group, where, at_step=at_step)
     _check_number(f"{where}rho", group["rho"], low=0.0, low_inclusive=False)
@@ -110,13 +140,25 @@ def _check_group(group: dict, where: str, *, at_step: bool = False) -> None:
 def _check_lr(group: dict, where: str, *, at_step: bool) -> None:
     lr = group["lr"]
     if not isinstance(lr, Tensor):
+        # A Python learning rate is checked like any other number, every time.
         _check_number(f"{where}lr", lr, low=0.0, low_inclusive=True)
         return
+    # A tensor learning rate is refused unless the group asks for the kernel. The reference
+    # and foreach versions use `lr` as a Python number (`alpha=-lr`, `1 - lr * weight_decay`):
+    # a tensor there would either fail inside the step, after other groups were updated, or
+    # be read with `.item()` at every step, a wait for the device. The authors' code shows
+    # the first outcome: its `capturable=True` path calls `lr.neg()`, which a float does not
+    # have, and would pass a tensor as `value=`, which `addcmul_` does not accept. Here a
+    # tensor `lr` goes only to the kernel, which reads it from memory, and any other
+    # combination is refused when the group is made.
     if not group["fused"]:
         raise TypeError(f"{where}lr is a tensor ({lr.dtype}, {lr.device}); a tensor lr needs fused=True")
     if lr.numel() != 1 or not lr.is_floating_point():
         raise ValueError(f"{where}lr as a tensor must hold one floating-point value, got shape "
                          f"{tuple(lr.shape)} and dtype {lr.dtype}")
+    # The value is read once, when the group is made, outside any capture: one wait for the
+    # device at setup costs nothing, and catches a NaN or negative schedule start. At a
+    # step (`at_step=True`) only the shape and dtype above are checked, which needs no read.
     if not at_step:
         _check_number(f"{where}lr", lr.item(), low=0.0, low_inclusive=True)
 
@@ -124,6 +166,10 @@ def _check_lr(group: dict, where: str, *, at_step: bool) -> None:
 # `bs` is $B$, the number of predictions behind one estimate (see the reference). It
 # multiplies the stored `hessian`, so a zero, negative or infinite value would turn
 # every step into a sign step, flip it, or stall it.
+#
+# `bs` is an argument of `step()`, not a group setting, as in the reference code: it may
+# change from one call to the next (a batch-size schedule), and one value applies to all
+# groups. It is checked first in `step()`, before the groups.
 def _check_bs(bs: Any) -> None:
     _check_number("bs", bs, low=0.0, low_inclusive=False)
 
@@ -141,15 +187,40 @@ def _check_bs(bs: Any) -> None:
 # (`fused=None`, `foreach=None`) on CUDA parameters it can take, if it can be built on
 # this machine: the first step then compiles it once (about a minute, cached on disk).
 # Where it cannot be built, `fused=None` quietly uses the foreach version instead.
+#
+# The device types with foreach kernels are those `torch.optim` lists: CUDA, XPU, and
+# whatever name a custom accelerator registered for PyTorch's `privateuse1` backend.
 def _foreach_devices() -> set[str]:
     return {"cuda", "xpu", torch._C._get_privateuse1_backend_name()}
 
 
+# Like `torch.optim.optimizer._default_to_fused_or_foreach`, the test is on the exact
+# type: a tensor *subclass* (say, a wrapper tensor from another library) may not
+# implement the `torch._foreach_*` ops, so only plain tensors and `nn.Parameter`s
+# qualify.
 def _default_foreach(params: list[Tensor]) -> bool:
     devices = _foreach_devices()
     return all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type in devices for p in params)
 
 
+# The rules, in the order they are tested, for one group and the tensors it is about to
+# use (`tensors` are the gradients, or the estimates for a Hessian refresh):
+#
+# 1. `fused=True` is obeyed, on any device: if the kernel cannot take a tensor, the
+#    checks in `_plan` say so with an error. An explicit request is never quietly
+#    downgraded, as `AdamW(fused=True)` raises on parameters its kernel cannot take.
+# 2. `foreach=True` or `False` is obeyed.
+# 3. Otherwise, parameters that foreach cannot take (CPU tensors, subclasses) get the
+#    reference.
+# 4. On CUDA, with `fused=None`, the kernel is used if it builds here and takes every
+#    parameter *and* every gradient (it refuses a non-contiguous one, for instance).
+#    This is where we depart from `torch.optim.AdamW`, which never picks its fused kernel
+#    unasked: ours is tested against the reference, and it is the step that moves the
+#    least memory.
+# 5. Everything else gets foreach.
+#
+# The choice is made per group and per call, from the tensors at hand, so a group whose
+# gradients change layout falls back for that step only. `fused=False` skips rule 4.
 def _implementation(group: dict, params: list[Tensor], tensors: Sequence[Tensor] = ()) -> str:
     if group["fused"]:
         return "fused"
@@ -165,6 +236,9 @@ def _implementation(group: dict, params: list[Tensor], tensors: Sequence[Tensor]
     return "foreach"
 
 
+# From the name of an implementation to its function: one for the step, one for the
+# Hessian EMA. They take the same arguments, which is what makes the choice above a
+# matter of one name.
 def _step_function(implementation: str) -> Callable:
     if implementation == "fused":
         from .fused import sophiag_fused
@@ -224,6 +298,10 @@ class SophiaG(Optimizer):
         fused: bool | None = None,
         eps: float = 1e-15,
     ) -> None:
+        # Every setting goes into `defaults`, the flags included, so that a parameter group can
+        # override any of them: a group may be `fused=True` while another, holding tensors the
+        # kernel cannot take, is `foreach=True` (a "mixed configuration"). `bs` is not here: it
+        # is an argument of each `step()`, as in the authors' code.
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -235,15 +313,29 @@ class SophiaG(Optimizer):
             foreach=foreach,
             fused=fused,
         )
+        # The defaults are checked before `Optimizer.__init__` runs, so a bad argument fails with
+        # the argument's own name rather than as the first group's. `Optimizer.__init__` then
+        # calls `add_param_group` (below) once per group, and each group is checked with the
+        # defaults filled in.
         _check_group(defaults, where="")
         super().__init__(params, defaults)
+        # $B$ of the last step, kept for `win_rate()`, which has no `bs` of its own to use.
         self._last_bs: float | None = None
+        # The flag `torch.amp.GradScaler` looks for (see "The step" below). It is set only for
+        # `fused=True`, as `torch.optim.AdamW` does: with `fused=None` the implementation is
+        # decided at each step, so the scaler must keep unscaling the gradients itself.
         if fused:
             self._step_supports_amp_scaling = True
 
     # Every group is checked with its defaults filled in, before it joins the
     # optimizer: a bad group is never half-added.
+    #
+    # `Optimizer.add_param_group` fills in the defaults itself, by writing them into the
+    # dict it is given. Checking a merged copy first sees the same values, and a refused
+    # group leaves both the optimizer and the caller's dict as they were.
+    # `len(self.param_groups)` is the index the new group would get.
     def add_param_group(self, param_group: dict) -> None:
+        r"""Add a parameter group, after checking it with the defaults filled in (see `torch.optim.Optimizer`)."""
         merged = {**self.defaults, **param_group}
         _check_group(merged, where=f"param_groups[{len(self.param_groups)}]: ")
         super().add_param_group(param_group)
@@ -252,6 +344,10 @@ class SophiaG(Optimizer):
     # class) lack our keyword-only flags and may hold the step as a Python number:
     # fill in the defaults so they load and continue unchanged.
     def __setstate__(self, state: dict) -> None:
+        # `torch.optim.Optimizer.load_state_dict` ends by calling this method with the loaded
+        # groups and state, so this is where an old checkpoint is brought up to date. Defaults
+        # that a group lacks are those of this constructor (the authors' optimizer never had
+        # `eps`: it is their hard-coded constant).
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("maximize", False)
@@ -259,6 +355,12 @@ class SophiaG(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("eps", 1e-15)
+        # The step counter must be a tensor, because every implementation counts it in place.
+        # A Python number is converted into a CPU tensor here; a counter that should live on the
+        # device (`capturable`, `fused`) stays on the CPU until the checkpoint is saved and
+        # loaded again. The count does not enter the update (no bias correction), so this costs
+        # at most the wait for the device that [the fused kernel](fused.html) describes for CPU
+        # counters under a `GradScaler`.
         for s in self.state.values():
             if "step" in s and not torch.is_tensor(s["step"]):
                 s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
@@ -275,6 +377,14 @@ class SophiaG(Optimizer):
     # it, as the authors' code does for `hessian`: with $h = 0$ every step is a
     # sign-of-momentum step of size $\eta$ until the next refresh.
     def _state_for(self, p: Tensor, group: dict) -> dict:
+        # State is created lazily, at the parameter's first step or refresh, as in
+        # `torch.optim.AdamW`: a parameter that never receives a gradient never gets state.
+        # The counter is a `float32` tensor as in `torch.optim`; since the count does not enter
+        # the update, the fact that `float32` stops counting exactly at $2^{24}$ steps only
+        # matters to whoever logs it. `preserve_format` gives a `channels_last` parameter
+        # `channels_last` state, so that the elementwise ops read all tensors in the same order
+        # (such a parameter is not contiguous, so the kernel does not take it: `fused=None`
+        # falls back to foreach).
         state = self.state[p]
         if "step" not in state:
             device = p.device if group["capturable"] or group["fused"] else torch.device("cpu")
@@ -288,6 +398,10 @@ class SophiaG(Optimizer):
     # skipped and its state is not touched (not even created). Sparse gradients are
     # refused: Sophia's state is dense, and a sparse $m$ would be a different
     # algorithm.
+    #
+    # Every group appears in the result, even with no parameter that has a gradient, so that
+    # the indices in error messages are those of `param_groups`; `_plan` drops the empty
+    # ones. Nothing is written here: the state is created later, after every check.
     def _params_with_grad(self) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
         plan = []
         for gi, group in enumerate(self.param_groups):
@@ -313,6 +427,12 @@ class SophiaG(Optimizer):
     # group and, for the fused kernel, its own checks (it is built, if need be, and
     # every tensor has a dtype, layout and device it takes), and only then the updates.
     #
+    # This matters more for an optimizer than for most code. A step that raises halfway has
+    # updated some parameters and not others, and the momentum of some and not others; the
+    # caller cannot undo it (there is no copy of the old values), and a training loop that
+    # catches the error and goes on trains a model whose layers are one step apart. So every
+    # failure we can foresee is made to happen before the first write.
+    #
     # `torch.amp.GradScaler` and fused optimizers have a contract: when the optimizer
     # says `_step_supports_amp_scaling`, the scaler does not unscale the gradients nor
     # skip the step itself; it sets `optimizer.grad_scale` (the loss scale) and
@@ -320,30 +440,55 @@ class SophiaG(Optimizer):
     # The fused kernel then divides each gradient by the scale as it reads it, and skips
     # the whole step, without waiting for the device, when `found_inf` is set. A group
     # that is not fused (a mixed configuration) does the same with ordinary ops.
+    #
+    # The scaler forwards extra arguments, so `scaler.step(opt, bs=B)` reaches `step` with
+    # its `bs`. After `scaler.unscale_(opt)` (to clip the gradient norm, as the reference
+    # recipe does) the gradients are already unscaled: the scaler then sets `grad_scale` to
+    # `None` and passes only `found_inf`.
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, bs: float = 5120) -> Tensor | None:
         r"""Take one Sophia step; `bs` is $B$, the number of predictions behind the Hessian estimate."""
+        # 1. The checks of the arguments and of every group, as they are now: a scheduler may
+        #    have written a new `lr` since the last step. Nothing has been touched yet.
         _check_bs(bs)
         for gi, group in enumerate(self.param_groups):
             _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
 
+        # 2. The closure, if any, re-evaluates the model and back-propagates. `step` runs under
+        #    `torch.no_grad()`, so gradients are switched back on for it. Its gradients are the
+        #    ones the step uses, so they are collected only after it.
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
+        # 3. The gradients (a sparse one refuses the step), the implementation of each group, and
+        #    the kernel's own checks: the last chance to refuse.
         plan = self._plan(self._params_with_grad())
+        # `GradScaler` sets these two attributes just before it calls `step()` and deletes them
+        # just after; without a scaler they do not exist.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group, params, grads, implementation in plan:
+            # 4. The updates, group by group. A fused group hands the scale and the flag to the
+            #    kernel, which unscales as it reads and skips the step on the device.
             extra = {}
             if implementation == "fused":
                 extra = dict(grad_scale=grad_scale, found_inf=found_inf)
+            # A group that is not fused does the same with ordinary ops. Reading the flag with
+            # `.item()` waits for the device: that is the price of a mixed configuration, once per
+            # step. A skipped group counts no step, as in the kernel, and creates no state. The
+            # gradients are unscaled out of place, into new tensors, so that `p.grad` keeps the
+            # scaled values the kernel would also have left in memory; the scale lives on the
+            # scaler's device and is copied to the gradients'.
             elif found_inf is not None or grad_scale is not None:
                 if found_inf is not None and bool(found_inf.item()):
                     continue
                 if grad_scale is not None:
                     grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
+            # State is created (zeros) for parameters stepping for the first time, then the chosen
+            # function runs on the state lists in the reference's order. Only $\beta_1$ is passed:
+            # $\beta_2$ belongs to the Hessian refresh.
             states = [self._state_for(p, group) for p in params]
             _step_function(implementation)(
                 params,
@@ -360,11 +505,19 @@ class SophiaG(Optimizer):
                 maximize=group["maximize"],
                 **extra,
             )
+        # Remembered for `win_rate()`, so that it measures the clip with the $B$ the steps used.
         self._last_bs = bs
         return loss
 
     # Per group with work to do: its implementation, and for the fused kernel, the
     # kernel's own checks, all before the first write.
+    #
+    # Every group is planned before any group is stepped: a refusal by the kernel in the
+    # second group after the first was updated would be half a step. With `fused=None` on
+    # CUDA, planning is also where the kernel is first built (`_implementation` asks whether
+    # it can be), which takes a minute once and writes nothing of the optimizer's; with
+    # `fused=True` the kernel is built (or found in the cache) here too, so that a
+    # machine that cannot build it refuses the step before any group has moved.
     def _plan(self, groups: list[tuple[dict, list[Tensor], list[Tensor]]]) -> list[tuple]:
         plan = []
         for group, params, tensors in groups:
@@ -372,9 +525,11 @@ class SophiaG(Optimizer):
                 continue
             implementation = _implementation(group, params, tensors)
             if implementation == "fused":
-                from .fused import check_fused_tensors
+                from .fused import check_fused_tensors, load_extension
 
                 check_fused_tensors({"params": params, "grads or estimates": tensors})
+                for device_type in sorted({p.device.type for p in params}):
+                    load_extension(device_type)
             plan.append((group, params, tensors, implementation))
         return plan
 
@@ -390,8 +545,12 @@ class SophiaG(Optimizer):
     @torch.no_grad()
     def update_hessian(self, estimates: Sequence[Tensor | None] | None = None) -> None:
         r"""Fold a Hessian-diagonal estimate into the EMA $h$: $h \leftarrow \beta_2 h + (1-\beta_2)\hat h$."""
+        # The groups are checked first: $\beta_2$ is read from them, and a scheduler may have
+        # edited them since the constructor.
         for gi, group in enumerate(self.param_groups):
             _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
+        # The two sources of $\hat h$: the gradients in `p.grad` (the authors' call, squared as
+        # they are folded in) or the list the caller passes (folded in as given).
         if estimates is None:
             groups = self._params_with_grad()
             square = True
@@ -399,6 +558,12 @@ class SophiaG(Optimizer):
             groups = self._match_estimates(estimates)
             square = False
 
+        # Each group folds its estimates with its own $\beta_2$ and its own implementation. The
+        # step counter does not move: a refresh is not a step.
+        #
+        # No `GradScaler` is involved here (the scaler wraps `step()` only), so the gradient
+        # folded in must be the unscaled $\hat g$: back-propagating a sampled-label loss scaled
+        # by $s$ makes every estimate $s^2$ times too large.
         for group, params, ests, implementation in self._plan(groups):
             hessians = [self._state_for(p, group)["hessian"] for p in params]
             _hessian_function(implementation)(hessians, ests, beta2=group["betas"][1], square=square)
@@ -406,6 +571,12 @@ class SophiaG(Optimizer):
     # The estimates must line up with the parameters one to one: same count, same
     # shape, same device, real for a real parameter and complex for a complex one,
     # floating point, dense. All are checked before any is folded in.
+    #
+    # "In order" means the order of the parameters in `param_groups`, group after group:
+    # for an optimizer built from `model.parameters()`, the order of `model.parameters()`.
+    # A single tensor is refused rather than iterated over (which would silently yield its
+    # rows). Estimates are matched to parameters, not to gradients, so a parameter without
+    # a gradient can still be refreshed.
     def _match_estimates(self, estimates: Sequence[Tensor | None]) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
         if isinstance(estimates, Tensor) or not isinstance(estimates, Iterable):
             raise TypeError(
@@ -442,11 +613,17 @@ class SophiaG(Optimizer):
     @torch.no_grad()
     def win_rate(self, bs: float | None = None) -> float:
         r"""Fraction of coordinates with $|m| < \max(\rho B h, \epsilon)$, i.e. not clipped."""
+        # Without an argument, the $B$ of the last step; before any step there is none, and a
+        # silent default would give a meaningless rate.
         if bs is None:
             bs = self._last_bs
         if bs is None:
             raise RuntimeError("win_rate() needs B: call step() first, or pass bs=")
         _check_bs(bs)
+        # Every group is counted with its own $\rho$ and $\epsilon$, over the parameters that
+        # have state, by the reference counter whatever the group's implementation: this is a
+        # diagnostic, run every $k$ steps at most. It reads its counts back to the host, so it
+        # waits for the device: keep it out of a captured CUDA graph and out of the hot loop.
         unclipped, total = 0, 0
         for group in self.param_groups:
             states = [self.state[p] for p in group["params"] if "exp_avg" in self.state[p]]
@@ -464,6 +641,14 @@ class SophiaG(Optimizer):
         return unclipped / total
 
 
+# ## Checking one estimate
+#
+# What each check prevents. A shape that differs would *broadcast* (a scalar estimate
+# folded into every coordinate) instead of failing; an estimate on another device would
+# fail partway through the fold, after other estimates were folded in; a sparse estimate has
+# no dense counterpart in the state; an integer one is not an estimate; a real estimate
+# for a complex parameter (or the reverse) does not match its real view (see the
+# [reference](reference.html)).
 def _check_estimate(index: int, est: Any, p: Tensor) -> None:
     where = f"estimates[{index}]"
     if not isinstance(est, Tensor):
@@ -514,6 +699,10 @@ class SophiaH(SophiaG):
         fused: bool | None = None,
         eps: float = 1e-15,
     ) -> None:
+        # The estimator's own settings are checked before `SophiaG.__init__` runs, so a refused
+        # `SophiaH` leaves nothing half-built. They are attributes, not group settings: they
+        # describe the estimator, which runs over all groups at once. Being attributes, they are
+        # not in `state_dict()`: to resume, construct the optimizer with the same arguments.
         if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
         if distribution not in ("rademacher", "gaussian"):
@@ -535,6 +724,8 @@ class SophiaH(SophiaG):
 
     def step(self, closure: Callable[[], Tensor] | None = None, bs: float = 1) -> Tensor | None:
         r"""Take one Sophia step; with Hutchinson's estimates $B = 1$."""
+        # The same step as `SophiaG`; only the default `bs` differs, because Hutchinson's
+        # $\hat h$ already estimates the paper's $h$.
         return super().step(closure, bs=bs)
 
     # With `loss=`, the estimate is computed here, over every parameter that requires
@@ -549,14 +740,20 @@ class SophiaH(SophiaG):
         generator: torch.Generator | None = None,
     ) -> None:
         r"""Fold Hutchinson's estimate of $\operatorname{diag}\nabla^2 L$ (from `loss=`) or given `estimates` into $h$."""
+        # Exactly one source of estimates: both would be ambiguous, neither is a mistake.
         if (estimates is None) == (loss is None):
             raise ValueError("SophiaH.update_hessian needs exactly one of estimates= or loss=")
         if loss is not None:
             for gi, group in enumerate(self.param_groups):
-                _check_group(group, where=f"param_groups[{gi}]: ")
+                _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
+            # All parameters in `_match_estimates`' order, with the sign of each one's group.
+            # Parameters that do not require a gradient are not probed (the loss has no gradient
+            # with respect to them) and get `None`, i.e. no refresh.
             params = [p for group in self.param_groups for p in group["params"]]
             signs = [-1.0 if group["maximize"] else 1.0 for group in self.param_groups for _ in group["params"]]
             trainable = [p for p in params if p.requires_grad]
+            # Hutchinson's product $H u = \nabla_\theta \langle \nabla_\theta L, u\rangle$ is a double
+            # backward, which needs gradient mode even if the caller is under `torch.no_grad()`.
             with torch.enable_grad():
                 found = iter(
                     hutchinson(
@@ -567,7 +764,10 @@ class SophiaH(SophiaG):
                         generator=generator,
                     )
                 )
+            # Back to one entry per parameter, negated for the groups that maximize.
             estimates = [
                 (next(found) * sign) if p.requires_grad else None for p, sign in zip(params, signs)
             ]
+        # Folded in like any caller's estimates: checked, then $h \leftarrow \beta_2 h + (1 -
+        # \beta_2)\hat h$ per group.
         super().update_hessian(estimates)

@@ -46,3 +46,9 @@ def test_module_entry_point_and_bad_arguments():
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([sys.executable, "-m", "sophia", "--steps", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--steps must be >= 1, got 0" in bad.stderr
+
+
+def test_a_nan_counts_as_the_worst_disagreement():
+    import torch
+
+    assert demo.max_relative_difference([torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, 2.0])]) == float("inf")

@@ -176,3 +176,29 @@ def test_default_fused_none_on_cpu_is_the_reference():
     assert _implementation(dict(fused=None, foreach=None), [p]) == "reference"
     assert _implementation(dict(fused=True, foreach=None), [p]) == "fused"
     assert _implementation(dict(fused=False, foreach=True), [p]) == "foreach"
+
+
+def test_a_kernel_that_cannot_build_refuses_the_whole_step(monkeypatch):
+    # A non-fused group listed first must not move when the fused group's kernel is
+    # unavailable: the build is part of the checks, before any write.
+    def no_build(device_type):
+        raise fused.FusedUnavailableError("no compiler (simulated)")
+
+    monkeypatch.setattr(fused, "load_extension", no_build)
+    first = torch.randn(3, requires_grad=True)
+    second = torch.randn(3, requires_grad=True)
+    opt = SophiaG([dict(params=[first], foreach=False), dict(params=[second], fused=True)])
+    first.grad, second.grad = torch.ones(3), torch.ones(3)
+    before = first.detach().clone()
+    with pytest.raises(fused.FusedUnavailableError, match="simulated"):
+        opt.step()
+    assert torch.equal(first, before) and not opt.state
+
+
+def test_inference_tensors_are_refused_before_any_write():
+    with torch.inference_mode():
+        frozen = torch.randn(3)
+    ok = torch.randn(3, requires_grad=True)
+    ok.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"params\[1\] is an inference tensor"):
+        fused.check_fused_tensors({"params": [ok, frozen], "grads or estimates": [ok.grad, torch.ones(3)]})
