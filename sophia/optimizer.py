@@ -524,7 +524,11 @@ class SophiaG(Optimizer):
             if not params:
                 continue
             implementation = _implementation(group, params, tensors)
-            if implementation == "fused":
+            # Only a group that asked for the kernel is checked here: with `fused=None`,
+            # `_implementation` chose it because these same checks passed and the build
+            # exists (`fused_supports`, `fused_available`), and repeating them would be a
+            # second pass over every tensor on every step.
+            if implementation == "fused" and group["fused"]:
                 from .fused import check_fused_tensors, load_extension
 
                 check_fused_tensors({"params": params, "grads or estimates": tensors})
