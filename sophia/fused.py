@@ -55,6 +55,9 @@ relative $10^{-6}$ per element and step in `float32`.
 * `lr` may be a one-element tensor on the parameters' device, read by the kernel
   from memory: a step captured in a CUDA graph then follows whatever schedule writes
   into it. It is read as `float32`.
+* Sharded tensors: under FSDP (`fully_shard`) the parameters and the state are
+  `DTensor`s, and the kernel steps each process's shards, which the elementwise step
+  allows (see "Sharded tensors" below).
 """
 
 from __future__ import annotations
@@ -440,6 +443,39 @@ def _extensions(tensors: list[Tensor]) -> dict[str, ModuleType]:
     return {device_type: load_extension(device_type) for device_type in sorted({t.device.type for t in tensors})}
 
 
+# ## Sharded tensors (FSDP)
+#
+# Under PyTorch's FSDP (`fully_shard`), a parameter, its gradient and the optimizer's
+# state are `DTensor`s: each process holds one shard of each, an ordinary tensor, and
+# all three are sharded the same way. The step is elementwise, so the step of the whole
+# tensor is the step of each shard on its own process: the kernel is given the shards
+# (`to_local()`, which shares memory with the `DTensor`) and writes into them. This needs
+# the tensors of one index to be sharded alike (the same mesh and placements); a
+# gradient still waiting for its reduction (`Partial`), or a state sharded otherwise,
+# is refused, since the kernel would combine shards that do not hold the same elements.
+def _is_dtensor(t: Any) -> bool:
+    return isinstance(t, Tensor) and hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def _shards(lists: dict[str, list]) -> dict[str, list]:
+    names = list(lists)
+    if not any(_is_dtensor(t) for tensors in lists.values() for t in tensors if isinstance(t, Tensor)):
+        return lists
+    n = min(len(tensors) for tensors in lists.values())
+    for i in range(n):
+        first = lists[names[0]][i]
+        for name in names:
+            t = lists[name][i]
+            if not (_is_dtensor(first) and _is_dtensor(t)):
+                raise TypeError(f"{name}[{i}] and {names[0]}[{i}] must both be DTensors or both plain tensors")
+            if t.device_mesh != first.device_mesh or tuple(t.placements) != tuple(first.placements):
+                raise ValueError(
+                    f"{name}[{i}] is sharded as {tuple(t.placements)} but {names[0]}[{i}] as "
+                    f"{tuple(first.placements)}; the fused kernel steps matching shards only"
+                )
+    return {name: [t.to_local() if _is_dtensor(t) else t for t in tensors] for name, tensors in lists.items()}
+
+
 # ## Scalars on the right device
 #
 # `grad_scale`, `found_inf` and a tensor `lr` go to the kernel as one `float32` in the
@@ -544,8 +580,10 @@ def sophiag_fused(
 ) -> None:
     r"""Take one Sophia step on every tensor of `params` with the fused kernel, in place."""
     # The checks. Every tensor on its own, then the four lists against each other, then the
-    # counters and the scalars. A refused call returns here, with nothing written.
-    lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
+    # counters and the scalars. A refused call returns here, with nothing written. Sharded
+    # tensors (FSDP) are replaced by this process's shards first (see above).
+    lists = _shards(dict(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians))
+    params, exp_avgs = lists["params"], lists["exp_avgs"]
     check_fused_tensors(lists)
     _check_parallel(lists, "params", same_dtype=True)
     # The counters never reach the kernel (`_count_steps` counts them with PyTorch ops,
@@ -634,7 +672,8 @@ def hessian_ema_fused(
     r"""Fold one estimate per tensor into `hessians` with the fused kernel, in place."""
     # The checks: every tensor, then the two lists index by index, but without requiring one
     # dtype (estimates are converted below). Then, if there is anything to do, the build.
-    lists = dict(hessians=hessians, estimates=estimates)
+    lists = _shards(dict(hessians=hessians, estimates=estimates))
+    hessians, estimates = lists["hessians"], lists["estimates"]
     check_fused_tensors(lists)
     _check_parallel(lists, "hessians", same_dtype=False)
     # No estimates to fold (no parameter had one): nothing to build, nothing to launch.

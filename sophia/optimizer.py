@@ -21,7 +21,13 @@ bookkeeping a serious `torch.optim` optimizer needs:
   per-group hyperparameters, learning-rate schedulers, `state_dict()` /
   `load_state_dict()`, `zero_grad()`;
 * **checks on every input**, done before anything is changed, so that a step that is
-  refused leaves parameters and state exactly as they were.
+  refused leaves parameters and state exactly as they were;
+* the **rules for non-finite values** (a NaN or an infinity in a gradient or an estimate
+  refuses or skips the step, `nonfinite=`), for **mixed precision** (`GradScaler` for the
+  step and for the Hessian refresh, `update_hessian(scaler=...)`) and for **checkpoints**
+  (`load_state_dict` refuses a state that does not fit the parameters). Under data
+  parallelism (DDP, FSDP) nothing changes, except that $B$ is the *global* number of
+  predictions; the [scale page](../scale.md) says how to use all of this.
 
 A training loop with Sophia-G (the reference recipe; `gnb_loss` samples the labels and
 returns $B$, the number of predictions in the batch it was given; in the recipe the
@@ -46,10 +52,12 @@ for it, (x, y) in enumerate(batches):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -255,6 +263,116 @@ def _hessian_function(implementation: str) -> Callable:
     return hessian_ema_foreach if implementation == "foreach" else hessian_ema_reference
 
 
+# ## Non-finite values
+#
+# A NaN or an infinity in a gradient reaches every later step: $m$ keeps it forever
+# ($\beta_1 \cdot \text{NaN}$ is NaN), the ratio $m/\max(\rho B h, \epsilon)$ is NaN, the
+# clip does not clip a NaN (`clamp` passes it through), and $\theta$ becomes NaN. An
+# infinite $\hat h$ is no better: the next $m/\infty$ is $0$, but once $m$ is infinite
+# too, $\infty/\infty$ is NaN. So the step looks at its inputs before it writes anything,
+# and the constructor's `nonfinite=` says what happens when one is not finite:
+#
+# * `"raise"` (the default): the step (or the refresh) is refused with a
+#   `FloatingPointError` that names the parameter and counts its bad values; nothing
+#   has changed, so the caller can inspect the batch, lower the learning rate, and go on;
+# * `"skip"`: the whole step (every group) or the whole refresh is skipped, nothing
+#   changes, and `skipped_steps` or `skipped_refreshes` counts it: what
+#   `torch.amp.GradScaler` does with an overflow, for runs that would rather lose a batch
+#   than stop;
+# * `"unchecked"`: no look at all, for whoever checks elsewhere and cannot afford the cost
+#   below. A NaN then goes where it goes: this is the only setting in which one reaches
+#   the parameters.
+#
+# What it costs. One more read of every gradient (its sum, below), and one wait for the
+# device per step to read the answer on the host. On the CPU the read is the whole cost,
+# a few milliseconds per ten million parameters (the [scale page](../scale.md) has the
+# measurement); on a GPU the wait also stops the host from queuing the next step's
+# kernels early. Two cases are never checked here, because someone else already has:
+# under a `GradScaler` that hands `found_inf` to the step (`fused=True`), which skips
+# an overflowing step on the device, and inside a CUDA graph capture, where a wait for
+# the device is an error; there the check is the caller's (a `GradScaler`, or
+# `"unchecked"` said out loud).
+#
+# Negative $\hat h$ (Hutchinson) is *not* a non-finite value and is not refused: the
+# guard $\max(\rho B h, \epsilon)$ makes the denominator positive, the ratio is then at
+# least as large as the Newton step, and the clip bounds the update by $\eta$ per
+# coordinate, as for any coordinate with $h = 0$ (see the [reference](reference.html)).
+NONFINITE_RULES = ("raise", "skip", "unchecked")
+
+
+# Under FSDP a parameter is a `DTensor`, and each process holds one shard of it. A
+# shard is an ordinary tensor, and the check reads the shards: a NaN then is seen by
+# the one process whose shard holds it. `_local` gives the shard of a `DTensor` and the
+# tensor itself otherwise.
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
+# The processes that hold shards of the same parameters must agree, or one would skip a
+# step that the others take, and the shards of one parameter would drift apart. So the
+# local answer (`1` for "found a non-finite value") is reduced with `MAX` over every
+# process group of every mesh the parameters live on: one small collective per step,
+# only when there are `DTensor`s. (Under DDP the gradients are all-reduced before the
+# step, so a NaN on one process is a NaN on all of them, and no collective is needed.)
+def _agree_across_shards(found: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    meshes = {id(t.device_mesh): t.device_mesh for t in tensors if hasattr(t, "device_mesh")}
+    for mesh in meshes.values():
+        for dim in range(mesh.ndim):
+            group = mesh.get_group(dim)
+            # The flag travels on the device the process group's backend works on (the CPU
+            # for `gloo`, the GPU for `nccl`), which is the device of the mesh.
+            flag = found.to(mesh.device_type)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            found = flag.to(found.device)
+    return found
+
+
+# `True` if every element of every tensor is finite. The test is a sum: a NaN or an
+# infinity anywhere makes the sum of a tensor non-finite ($\infty + x = \infty$,
+# $\infty - \infty$ and $\text{NaN} + x$ are NaN), and a sum is the cheapest pass over
+# memory PyTorch has (vectorized, no temporary tensor; on the CPU about eight times
+# faster than `torch.isfinite(g).all()` or an $\infty$-norm). The converse can fail: the
+# sum of finite values may overflow. So a tensor whose sum is not finite is looked at
+# again, element by element, and only a non-finite *element* counts. Half-precision
+# tensors are summed in `float32`, where such an overflow needs about $10^{34}$ values at
+# `float16`'s largest. The sums of one device and dtype are stacked and tested at
+# once; reading the answer is the one wait for the device.
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    if not tensors:
+        return True
+    # The sums, grouped by device and by the sum's dtype, so that each group is stacked
+    # into one tensor and tested with one `isfinite`.
+    local = [_local(t) for t in tensors]
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in local:
+        s = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+        groups.setdefault((s.device, s.dtype), []).append(s)
+    flags = [(~torch.stack(sums).isfinite()).any().cpu() for sums in groups.values()]
+    found = torch.stack(flags).any().float()
+    # A sum that is not finite: look at the elements, the slow path, taken at most once.
+    if bool(found):
+        found = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in local)))
+    found = _agree_across_shards(found, tensors)
+    return not bool(found)
+
+
+# The slow path, taken only once something was found: which parameter, and how many of
+# its values. Under FSDP another process may hold the bad shard, and the message says so.
+def _describe_nonfinite(named: Sequence[tuple[str, Tensor]], what: str) -> str:
+    for name, t in named:
+        local = _local(t)
+        n_bad = int((~torch.isfinite(local)).sum())
+        if n_bad:
+            kinds = []
+            if bool(torch.isnan(local).any()):
+                kinds.append("NaN")
+            if bool(torch.isinf(local).any()):
+                kinds.append("inf")
+            return (f"{name} has a {what} with {n_bad} non-finite value(s) ({' and '.join(kinds)}) "
+                    f"of {local.numel()} (shape {tuple(t.shape)}, dtype {t.dtype})")
+    return f"a {what} on another process holds non-finite values"
+
+
 class SophiaG(Optimizer):
     r"""Sophia with the Gauss-Newton-Bartlett estimator: a drop-in replacement for the authors' `SophiaG`.
 
@@ -278,10 +396,14 @@ class SophiaG(Optimizer):
             `torch.amp.GradScaler` hands the loss scale to the kernel instead of
             unscaling the gradients itself.
         eps: $\epsilon$ in $\max(\rho B h, \epsilon)$ (the authors hard-code `1e-15`).
+        nonfinite: what a NaN or infinity in a gradient or an estimate does: `"raise"`
+            (refuse with `FloatingPointError`, nothing changed), `"skip"` (skip the step or
+            refresh, counted in `skipped_steps` / `skipped_refreshes`), or `"unchecked"`.
 
     Per step: `step(closure=None, bs=5120)`, with `bs` the number of predictions
-    (tokens) per step, $B$. Every $k$ steps: back-propagate the loss from
-    `sophia.gnb_loss`, then `update_hessian()`.
+    (tokens) per step, $B$, over all data-parallel processes. Every $k$ steps:
+    back-propagate the loss from `sophia.gnb_loss`, then `update_hessian()`
+    (`update_hessian(scaler=scaler)` if that loss was scaled by a `GradScaler`).
     """
 
     def __init__(
@@ -297,6 +419,7 @@ class SophiaG(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         eps: float = 1e-15,
+        nonfinite: str = "raise",
     ) -> None:
         # Every setting goes into `defaults`, the flags included, so that a parameter group can
         # override any of them: a group may be `fused=True` while another, holding tensors the
@@ -318,7 +441,17 @@ class SophiaG(Optimizer):
         # calls `add_param_group` (below) once per group, and each group is checked with the
         # defaults filled in.
         _check_group(defaults, where="")
+        # The rule for non-finite values is one for the whole optimizer, not per group: a
+        # skipped step skips every group, so that no layer is a step ahead of another.
+        if nonfinite not in NONFINITE_RULES:
+            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE_RULES))}, got {nonfinite!r}")
         super().__init__(params, defaults)
+        self.nonfinite = nonfinite
+        # How many steps and refreshes were skipped for non-finite values (with
+        # `nonfinite="skip"`, and refreshes under a `GradScaler` that overflowed). They are
+        # counters for the training loop to log, not part of `state_dict()`.
+        self.skipped_steps = 0
+        self.skipped_refreshes = 0
         # $B$ of the last step, kept for `win_rate()`, which has no `bs` of its own to use.
         self._last_bs: float | None = None
         # The flag `torch.amp.GradScaler` looks for (see "The step" below). It is set only for
@@ -349,6 +482,11 @@ class SophiaG(Optimizer):
         # that a group lacks are those of this constructor (the authors' optimizer never had
         # `eps`: it is their hard-coded constant).
         super().__setstate__(state)
+        # An optimizer pickled whole by an older version lacks the non-finite rule and its
+        # counters: the defaults of the constructor.
+        self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("skipped_refreshes", 0)
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("capturable", False)
@@ -364,6 +502,51 @@ class SophiaG(Optimizer):
         for s in self.state.values():
             if "step" in s and not torch.is_tensor(s["step"]):
                 s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
+
+    # ## Loading a checkpoint
+    #
+    # `torch.optim.Optimizer.load_state_dict` checks that the groups have as many
+    # parameters as before, and then takes the state as it comes: a `hessian` of another
+    # shape would be broadcast in the step, or fail halfway through it, and a NaN in it
+    # would be written into the parameters at the next step. So the state is checked here
+    # first, against the parameters it will belong to, and a state that does not fit is
+    # refused with a `ValueError` that names the parameter and the key, before anything
+    # is loaded:
+    #
+    # * `exp_avg` and `hessian`, where present, are floating-point tensors of the
+    #   parameter's shape, with finite values (a negative `hessian` is allowed: Hutchinson's
+    #   estimates make one, and the step's guard handles it);
+    # * a state with `exp_avg` and no `hessian` (a checkpoint of another optimizer, e.g.
+    #   AdamW's, whose `exp_avg` is the same $m$) is the documented recovery: it loads, and
+    #   $h$ starts at zero, so the steps are sign-of-momentum steps of size $\eta$ until the
+    #   next `update_hessian()`; a warning says how many parameters are in that case.
+    #
+    # Where the groups do not line up, the check leaves the refusal to PyTorch's own
+    # (it names the groups and their sizes).
+    def load_state_dict(self, state_dict: dict) -> None:
+        r"""Load a state written by `state_dict()` (or by the authors' `SophiaG`), after checking it fits."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) == len(self.param_groups) and all(
+            len(s["params"]) == len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            missing_hessian = 0
+            for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+                for pi, (key, p) in enumerate(zip(saved["params"], group["params"])):
+                    state = state_dict["state"].get(key)
+                    if state is None:
+                        continue
+                    for name in ("exp_avg", "hessian"):
+                        if name in state:
+                            _check_loaded(f"param_groups[{gi}]['params'][{pi}]", name, state[name], p)
+                    missing_hessian += "exp_avg" in state and "hessian" not in state
+            if missing_hessian:
+                warnings.warn(
+                    f"the loaded state of {missing_hessian} parameter(s) has no 'hessian' (a checkpoint of another "
+                    "optimizer?): h starts at zero, and their steps are sign steps of size lr until the next "
+                    "update_hessian()",
+                    stacklevel=2,
+                )
+        super().load_state_dict(state_dict)
 
     # ## State
     #
@@ -469,6 +652,18 @@ class SophiaG(Optimizer):
         # just after; without a scaler they do not exist.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        # The non-finite rule (see "Non-finite values"), over the gradients of every group at
+        # once, still before the first write; not when a scaler has already looked
+        # (`found_inf`), nor inside a CUDA graph capture.
+        if found_inf is None and grad_scale is None and self._should_check():
+            if not _all_finite([g for _, _, grads, _ in plan for g in grads]):
+                if self.nonfinite == "skip":
+                    self.skipped_steps += 1
+                    return loss
+                raise FloatingPointError(
+                    f"SophiaG.step refused: {_describe_nonfinite(self._named_grads(), 'gradient')}; nothing was "
+                    "changed (construct the optimizer with nonfinite='skip' to skip such steps instead)"
+                )
         for group, params, grads, implementation in plan:
             # 4. The updates, group by group. A fused group hands the scale and the flag to the
             #    kernel, which unscales as it reads and skips the step on the device.
@@ -537,6 +732,19 @@ class SophiaG(Optimizer):
             plan.append((group, params, tensors, implementation))
         return plan
 
+    # The gradients with their place in `param_groups`, for the error message.
+    def _named_grads(self) -> list[tuple[str, Tensor]]:
+        return [(f"param_groups[{gi}]['params'][{pi}]", p.grad)
+                for gi, group in enumerate(self.param_groups)
+                for pi, p in enumerate(group["params"]) if p.grad is not None]
+
+    # Whether the non-finite rule looks at the inputs: not with `"unchecked"`, and not
+    # while a CUDA graph is being captured (a read on the host is an error there).
+    def _should_check(self) -> bool:
+        if self.nonfinite == "unchecked":
+            return False
+        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
     # ## The Hessian refresh
     #
     # `update_hessian()` with no argument is the authors' call: every parameter with a
@@ -547,28 +755,81 @@ class SophiaG(Optimizer):
     # other estimator's, reach the optimizer. It may be called before the first
     # `step()`: the state is created with zeros.
     @torch.no_grad()
-    def update_hessian(self, estimates: Sequence[Tensor | None] | None = None) -> None:
-        r"""Fold a Hessian-diagonal estimate into the EMA $h$: $h \leftarrow \beta_2 h + (1-\beta_2)\hat h$."""
+    def update_hessian(
+        self,
+        estimates: Sequence[Tensor | None] | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        r"""Fold a Hessian-diagonal estimate into the EMA $h$: $h \leftarrow \beta_2 h + (1-\beta_2)\hat h$.
+
+        `scaler`: the `torch.amp.GradScaler` that scaled the sampled-label loss before
+        its backward pass; its scale $s$ is divided out of $\hat g$ before squaring, and a
+        refresh whose gradients overflowed is skipped (counted in `skipped_refreshes`).
+        """
         # The groups are checked first: $\beta_2$ is read from them, and a scheduler may have
         # edited them since the constructor.
         for gi, group in enumerate(self.param_groups):
             _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         # The two sources of $\hat h$: the gradients in `p.grad` (the authors' call, squared as
         # they are folded in) or the list the caller passes (folded in as given).
         if estimates is None:
             groups = self._params_with_grad()
             square = True
         else:
+            # A generator of estimates is read once, here, so that the error message below can
+            # name an entry.
+            if isinstance(estimates, Iterable) and not isinstance(estimates, Tensor):
+                estimates = list(estimates)
+            if scaler is not None:
+                raise ValueError("scaler= applies to the gradients in p.grad, not to estimates=: unscale them yourself")
             groups = self._match_estimates(estimates)
             square = False
+        plan = self._plan(groups)
+
+        # ### Under a `GradScaler`
+        #
+        # The scaler wraps `step()` only; the refresh is ours to unscale. With mixed precision
+        # (`float16`) the sampled-label loss is scaled like the training loss, by $s$, so that
+        # small gradients do not underflow in the backward pass: `p.grad` then holds
+        # $s\,\hat g$, and folding it in as it is would make $h$ too large by $s^2$ (and every
+        # step $s^2$ times too timid). So the gradients are divided by $s$ first, into new
+        # tensors (`p.grad` is left as it is). The scaler's $s$ is a power of two, so the
+        # division is exact. Reading $s$ waits for the device, once per refresh.
+        #
+        # A scaled backward pass that overflowed leaves an infinity or a NaN in some $s\,\hat g$:
+        # the scaler would skip such a step, and the refresh is skipped the same way, whatever
+        # `nonfinite` says (an overflow is what a scaler expects, not an error). The scaler's
+        # $s$ is not lowered by it: that happens at the next overflow of a training step, when
+        # `scaler.update()` sees it.
+        if scaler is not None and scaler.is_enabled() and square:
+            inv_scale = 1.0 / scaler.get_scale()
+            plan = [(group, params, torch._foreach_mul(list(tensors), inv_scale), impl)
+                    for group, params, tensors, impl in plan]
+            if not _all_finite([t for _, _, tensors, _ in plan for t in tensors]):
+                self.skipped_refreshes += 1
+                return
+        # Without a scaler, the non-finite rule of the step applies to the estimates: refuse
+        # (naming the parameter) or skip, before anything is folded in. A NaN folded into $h$
+        # would stay there for good ($\beta_2 \cdot \text{NaN}$ is NaN), and every later step
+        # of that coordinate would write a NaN.
+        elif self._should_check() and not _all_finite([t for _, _, tensors, _ in plan for t in tensors]):
+            if self.nonfinite == "skip":
+                self.skipped_refreshes += 1
+                return
+            named = (self._named_grads() if square else
+                     [(f"estimates[{i}]", e) for i, e in enumerate(estimates) if e is not None])
+            raise FloatingPointError(
+                f"{type(self).__name__}.update_hessian refused: "
+                f"{_describe_nonfinite(named, 'gradient' if square else 'Hessian estimate')}; h was not changed "
+                "(construct the optimizer with nonfinite='skip' to skip such refreshes instead)"
+            )
 
         # Each group folds its estimates with its own $\beta_2$ and its own implementation. The
         # step counter does not move: a refresh is not a step.
-        #
-        # No `GradScaler` is involved here (the scaler wraps `step()` only), so the gradient
-        # folded in must be the unscaled $\hat g$: back-propagating a sampled-label loss scaled
-        # by $s$ makes every estimate $s^2$ times too large.
-        for group, params, ests, implementation in self._plan(groups):
+        for group, params, ests, implementation in plan:
             hessians = [self._state_for(p, group)["hessian"] for p in params]
             _hessian_function(implementation)(hessians, ests, beta2=group["betas"][1], square=square)
 
@@ -628,16 +889,38 @@ class SophiaG(Optimizer):
         # have state, by the reference counter whatever the group's implementation: this is a
         # diagnostic, run every $k$ steps at most. It reads its counts back to the host, so it
         # waits for the device: keep it out of a captured CUDA graph and out of the hot loop.
-        unclipped, total = 0, 0
+        #
+        # Under FSDP the state is sharded: each process counts the coordinates of its own
+        # shards, and the counts are summed over the processes that hold the other shards
+        # (the mesh dimensions along which the tensor is sharded, not those along which it
+        # is replicated), once per kind of sharding. Every process then reports the rate of
+        # the whole model.
+        counts: dict[tuple, list[int]] = {}
+        meshes: dict[tuple, Any] = {}
         for group in self.param_groups:
-            states = [self.state[p] for p in group["params"] if "exp_avg" in self.state[p]]
-            u, n = unclipped_count_reference(
-                [s["exp_avg"] for s in states],
-                [s["hessian"] for s in states],
-                rho=group["rho"],
-                bs=bs,
-                eps=group["eps"],
-            )
+            for p in group["params"]:
+                s = self.state[p]
+                if "exp_avg" not in s:
+                    continue
+                key: tuple = ()
+                if hasattr(s["exp_avg"], "device_mesh"):
+                    mesh = s["exp_avg"].device_mesh
+                    key = (id(mesh), tuple(d for d, pl in enumerate(s["exp_avg"].placements) if pl.is_shard()))
+                    meshes[key] = mesh
+                u, n = unclipped_count_reference(
+                    [_local(s["exp_avg"])], [_local(s["hessian"])], rho=group["rho"], bs=bs, eps=group["eps"]
+                )
+                c = counts.setdefault(key, [0, 0])
+                c[0] += u
+                c[1] += n
+        unclipped, total = 0, 0
+        for key, (u, n) in counts.items():
+            if key:
+                mesh = meshes[key]
+                both = torch.tensor([u, n], dtype=torch.int64, device=mesh.device_type)
+                for dim in key[1]:
+                    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+                u, n = (int(v) for v in both.tolist())
             unclipped += u
             total += n
         if total == 0:
@@ -667,6 +950,26 @@ def _check_estimate(index: int, est: Any, p: Tensor) -> None:
         raise TypeError(f"{where} has dtype {est.dtype}; estimates must be floating point")
     if est.is_complex() != p.is_complex():
         raise TypeError(f"{where} has dtype {est.dtype} but its parameter has dtype {p.dtype}")
+
+
+# ## Checking a loaded state tensor
+#
+# One entry (`exp_avg` or `hessian`) of a loaded state against its parameter. Under FSDP
+# both may be `DTensor`s: their `shape` is the whole parameter's, and the values checked
+# are this process's shard.
+def _check_loaded(where: str, name: str, value: Any, p: Tensor) -> None:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"loaded state of {where}: '{name}' must be a tensor, got {type(value).__name__}")
+    if not (value.is_floating_point() or value.is_complex()):
+        raise ValueError(f"loaded state of {where}: '{name}' has dtype {value.dtype}, not a floating-point type")
+    if value.shape != p.shape:
+        raise ValueError(
+            f"loaded state of {where}: '{name}' has shape {tuple(value.shape)} but the parameter has shape "
+            f"{tuple(p.shape)} (a checkpoint of another model, or parameters in another order?)"
+        )
+    local = _local(value)
+    if not bool(torch.isfinite(local).all()):
+        raise ValueError(f"loaded state of {where}: '{name}' holds non-finite values (NaN or inf)")
 
 
 class SophiaH(SophiaG):
@@ -702,6 +1005,7 @@ class SophiaH(SophiaG):
         foreach: bool | None = None,
         fused: bool | None = None,
         eps: float = 1e-15,
+        nonfinite: str = "raise",
     ) -> None:
         # The estimator's own settings are checked before `SophiaG.__init__` runs, so a refused
         # `SophiaH` leaves nothing half-built. They are attributes, not group settings: they
@@ -722,6 +1026,7 @@ class SophiaH(SophiaG):
             foreach=foreach,
             fused=fused,
             eps=eps,
+            nonfinite=nonfinite,
         )
         self.n_samples = n_samples
         self.distribution = distribution

@@ -73,6 +73,19 @@ costs every optimizer the same). `hessian_seconds` is the part spent in refreshe
 ratio. On a GPU the clock waits for the device (`torch.cuda.synchronize`) at every
 boundary it measures.
 
+## Checkpoints
+
+With `--checkpoint-every N` (`TrainConfig(checkpoint_every=N)`), every $N$ steps and
+after the last one the run writes everything it needs to go on into
+`out/<name>-seed<seed>.ckpt.pt`: the step count, the model, the optimizer's state, the
+state of every stream of randomness (the batches, the refresh batches, the sampled
+labels, and PyTorch's global generator), and the record so far. The learning rate
+needs nothing saved: the schedule is a function of the step. With `--resume`, a run
+whose checkpoint exists starts from it and continues *exactly* as the uninterrupted
+run would have (same batches, same samples, same parameters, bit for bit, on the same
+machine with the same number of threads); without a checkpoint it starts from the
+beginning, so a job script can always pass `--resume`. See "Checkpoints" below.
+
 ## Tracking with labml
 
 With `--out DIR`, the run is a [labml](https://github.com/labmlai/labml) experiment:
@@ -133,6 +146,9 @@ __all__ = [
     "make_optimizer",
     "check_out_dir",
     "lr_at",
+    "checkpoint_path",
+    "save_checkpoint",
+    "load_checkpoint",
     "main",
     "MissingDependencyError",
     "OPTIMIZERS",
@@ -240,6 +256,11 @@ class TrainConfig:
     device: str = "cpu"
     out: str | None = None
     verbose: bool = True
+    # Checkpoints (see "Checkpoints"): one every `checkpoint_every` steps (0 for none)
+    # and after the last step, in `out`; `resume` starts from the checkpoint if there is
+    # one. Both need `out`.
+    checkpoint_every: int = 0
+    resume: bool = False
 
     # The checks, in the order of the fields. Names first (an optimizer, an
     # implementation), then the counts, which must be positive integers (`True` is
@@ -254,6 +275,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "hess_interval", "eval_interval", "eval_iters"):
             _check_int(name, getattr(self, name), low=1)
         _check_int("seed", self.seed, low=0)
+        _check_int("checkpoint_every", self.checkpoint_every, low=0)
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"resume must be a bool, got {self.resume!r}")
+        if (self.checkpoint_every or self.resume) and self.out is None:
+            raise ValueError("checkpoint_every and resume need an output folder: set out")
         # The model's position embedding has `block_size` rows, so no longer sequence
         # can be read; the model would refuse it at the first forward pass, and this
         # says so before any work.
@@ -806,12 +832,12 @@ class _Tracker:
     # The step counter of the loop. labml's `monit.loop` also advances labml's global
     # step, which is the x-axis of everything `tracker` records, and draws the
     # progress line with the time per step and the time left.
-    def loop(self, steps: int) -> Iterator[int]:
+    def loop(self, start: int, steps: int) -> Iterator[int]:
         if self.labml:
             from labml import monit
 
-            return iter(monit.loop(range(steps)))
-        return iter(range(steps))
+            return iter(monit.loop(range(start, steps)))
+        return iter(range(start, steps))
 
     # Values for the current step; labml buffers them until `save`, which writes one
     # line per step to the screen and the run's files.
@@ -911,7 +937,7 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
     k = config.hess_interval
     B = config.tokens_per_step
     # The run's name in labml and in the name of its result file.
-    name = config.optimizer if config.impl is None else f"{config.optimizer}-{config.impl}"
+    name = _run_name(config)
     # The record starts empty; the loop appends to it and adds to its clocks.
     result = RunResult(
         optimizer=config.optimizer,
@@ -940,11 +966,29 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
         result.eval_seconds.append(result.wall_seconds)
         tracker.evaluation(step, val_loss, result.wall_seconds)
 
+    # A resumed run takes up where its checkpoint left off: the model, the optimizer's
+    # state, every stream of randomness and the record so far are those of the step it
+    # was written at (see "Checkpoints" below), and the loop starts at that step.
+    ckpt = checkpoint_path(config) if config.out is not None else None
+    start = 0
+    if config.resume and ckpt.exists():
+        saved = load_checkpoint(ckpt, config)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        for stream, gen in gens.items():
+            gen.set_state(saved["generators"][stream])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        result = RunResult.from_dict(saved["result"])
+        start = saved["step"]
+
     # The loss of the untrained model comes first (near $\ln V$), so that every curve
     # starts from the same point at step zero.
     with _Tracker(config, f"{name}-seed{config.seed}") as tracker:
-        record_eval(0)
-        for step in tracker.loop(config.steps):
+        if start == 0:
+            record_eval(0)
+        for step in tracker.loop(start, config.steps):
             # ### One step
             #
             # The learning rate of the schedule, written into every group (AdamW's
@@ -1119,6 +1163,12 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
             done = step + 1
             if done % config.eval_interval == 0 or done == config.steps:
                 record_eval(done)
+            # A checkpoint every `checkpoint_every` steps and after the last, once the
+            # step, its refresh and its evaluation are all done: a run resumed from it
+            # starts with the next step.
+            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+                save_checkpoint(ckpt, step=done, config=config, model=model, optimizer=opt, generators=gens,
+                                result=result)
 
     # The result, next to labml's files, named after the optimizer, its
     # implementation and the seed, so that the runs of a comparison do not
@@ -1127,6 +1177,119 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
         path = out / f"{name}-seed{config.seed}.json"
         path.write_text(json.dumps(result.to_dict(), indent=1))
     return result
+
+
+# ## Checkpoints
+#
+# What a run needs to go on exactly where it stopped, and nothing else:
+#
+# * the number of steps taken; the learning rate is a function of it (`lr_at`), so the
+#   schedule needs no state of its own;
+# * the model's parameters, and the optimizer's `state_dict()`: for Sophia, `step`,
+#   `exp_avg` $m$ and `hessian` $h$ per parameter (checked when loaded: see
+#   [the optimizer](optimizer.html));
+# * the state of every stream of randomness: the training batches, the refresh
+#   batches, the labels $\hat y$ sampled by Gauss-Newton-Bartlett (or Hutchinson's
+#   probes), and PyTorch's global generator (dropout); without the third, the resumed
+#   run would sample other labels and estimate another $h$;
+# * the record so far (`RunResult`), so that the curves of a resumed run are whole.
+#
+# The file is `out/<name>-seed<seed>.ckpt.pt`, one per run, overwritten at each
+# checkpoint. The configuration is stored with it, and a run resumes only from a
+# checkpoint of the same configuration (apart from where it writes and how often):
+# resuming with another learning rate or batch size would silently be a third run,
+# neither the old one nor the new.
+_NOT_COMPARED = ("out", "verbose", "checkpoint_every", "resume")
+
+
+# The name of a run: its optimizer, and its implementation when one was chosen.
+def _run_name(config: TrainConfig) -> str:
+    return config.optimizer if config.impl is None else f"{config.optimizer}-{config.impl}"
+
+
+def checkpoint_path(config: TrainConfig) -> Path:
+    r"""Where the run of `config` writes its checkpoint: `out/<name>-seed<seed>.ckpt.pt`."""
+    if config.out is None:
+        raise ValueError("a run without out has no checkpoint")
+    return Path(config.out).expanduser().resolve() / f"{_run_name(config)}-seed{config.seed}.ckpt.pt"
+
+
+# The configuration as stored and compared: JSON's view of it (tuples become lists),
+# without the fields that say where and how often to write.
+def _comparable(config: TrainConfig) -> dict[str, Any]:
+    data = {k: v for k, v in config.to_dict().items() if k not in _NOT_COMPARED}
+    return json.loads(json.dumps(data))
+
+
+# ### Writing one, atomically
+#
+# A kill (or a full disk, or a power cut) in the middle of a write must not cost the
+# previous checkpoint. So the new one is written to a temporary file in the same
+# folder, flushed to the disk (`fsync`), and only then renamed over the old one:
+# `os.replace` within one file system is atomic, so at every moment the checkpoint's
+# name points at a whole file, the old or the new. A kill before the rename leaves the
+# old checkpoint in place and a temporary file named after the process, which is never
+# read and may be deleted; an error in the write (a full disk) removes it. On POSIX
+# systems the folder is synced as well, so that the rename itself is on the disk.
+def save_checkpoint(
+    path: Path, *, step: int, config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator], result: RunResult,
+) -> None:
+    r"""Write the checkpoint of a run after `step` steps to `path`, atomically."""
+    device = next(model.parameters()).device
+    payload = dict(
+        format=1,
+        step=step,
+        config=_comparable(config),
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        generators={stream: gen.get_state() for stream, gen in generators.items()},
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        result=result.to_dict(),
+    )
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ### Reading one back
+#
+# `weights_only=True`: a checkpoint holds tensors, numbers, strings and containers of
+# them, and nothing else is accepted (unpickling arbitrary objects from a file runs
+# arbitrary code). Every tensor is loaded on the CPU; `load_state_dict` of the model
+# and of the optimizer moves them to the parameters' device. A file that is not a
+# checkpoint of this module, or one of another configuration, is refused with a
+# `ValueError` that says which fields differ.
+def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    r"""Read the checkpoint at `path` and check that it belongs to a run of `config`."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read the checkpoint {str(path)!r}: {error}") from error
+    if not isinstance(saved, dict) or saved.get("format") != 1:
+        raise ValueError(f"{str(path)!r} is not a checkpoint written by sophia.train")
+    now = _comparable(config)
+    differ = sorted(k for k in set(now) | set(saved["config"]) if now.get(k) != saved["config"].get(k))
+    if differ:
+        details = ", ".join(f"{k}: {saved['config'].get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in differ)
+        raise ValueError(f"the checkpoint {str(path)!r} is of another configuration ({details})")
+    if not 0 < saved["step"] <= config.steps:
+        raise ValueError(f"the checkpoint {str(path)!r} is at step {saved['step']}, outside 1..{config.steps}")
+    return saved
 
 
 # ## The output folder
@@ -1527,6 +1690,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: 1 on --device cpu, torch's choice otherwise)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    # Checkpoints (see "Checkpoints"): how often, and whether to start from one.
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                        help="write a checkpoint into --out every N steps and after the last (default: none)")
+    parser.add_argument("--resume", action="store_true",
+                        help="start from the run's checkpoint in --out, if there is one")
 
 
 # The single run takes one optimizer, its learning rate and weight decay, and one
@@ -1610,7 +1778,8 @@ def _config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
         batch_size=args.batch_size, seq_len=args.seq_len, rho=args.rho, hess_interval=args.hess_interval,
         betas=tuple(args.betas) if args.betas is not None else None,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, eval_interval=args.eval_interval,
-        eval_iters=args.eval_iters, device=args.device, out=args.out, verbose=not args.quiet, **extra,
+        eval_iters=args.eval_iters, device=args.device, out=args.out, verbose=not args.quiet,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, **extra,
     )
 
 
@@ -1688,7 +1857,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result.wall_seconds:.1f}s training, {result.ms_per_step:.1f} ms/step, "
                   f"Hessian overhead {100 * result.hessian_overhead:.1f}%"
                   + (f", mean win rate {statistics.fmean(result.win_rates):.2f}" if result.win_rates else ""))
-    except (ValueError, DataUnavailableError, MissingDependencyError, *_fused_errors()) as error:
+    # A `FloatingPointError` is the optimizer refusing a step whose gradients hold a NaN or
+    # an infinity (a diverged run): one line too, and the checkpoint, if any, is the last
+    # good state.
+    except (ValueError, FloatingPointError, DataUnavailableError, MissingDependencyError, *_fused_errors()) as error:
         message = str(error).strip().splitlines()
         print(f"{parser.prog}: error: {message[0] if message else type(error).__name__}", file=sys.stderr)
         return 1
