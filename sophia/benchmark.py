@@ -265,9 +265,14 @@ Step = Callable[[], object]
 # Sophia with the constructor's defaults and `flags`. The refresh in the factory folds
 # $g \odot g$ into $h$ once, untimed, so that the timed steps see a non-zero $h$ and
 # the clip takes both branches. Each timed step is `step(bs=BS)`, the public call.
-def _sophiag(**flags: bool) -> Callable[[list[Tensor]], Step]:
+#
+# `nonfinite` is the optimizer's rule for NaN and infinity (see the
+# [optimizer](optimizer.html)): its default, `"raise"`, reads every gradient once more
+# per step to look for them, which AdamW does not do; `--nonfinite unchecked` times the
+# step without that look, for a like-for-like comparison of the update itself.
+def _sophiag(nonfinite: str = "raise", **flags: bool) -> Callable[[list[Tensor]], Step]:
     def make(params: list[Tensor]) -> Step:
-        opt = SophiaG(params, **flags)
+        opt = SophiaG(params, nonfinite=nonfinite, **flags)
         opt.update_hessian()
         return lambda: opt.step(bs=BS)
 
@@ -314,15 +319,17 @@ def _fused_adamw_unavailable(device: torch.device, dtype: torch.dtype) -> str | 
 
 
 def contenders(
-    device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
+    nonfinite: str = "raise",
 ) -> list[tuple[str, Callable[[list[Tensor]], Step]]]:
     r"""The implementations to time on `device`, as `(name, factory)` pairs; one of the names is `BASELINE`."""
     # The order of this list is the order of the table. The fused contenders that cannot run
     # are filtered out here and reported by `unavailable`.
     found = [
-        ("SophiaG(foreach=False)", _sophiag(foreach=False)),
-        ("SophiaG(foreach=True)", _sophiag(foreach=True)),
-        (FUSED_SOPHIA, _sophiag(fused=True)),
+        ("SophiaG(foreach=False)", _sophiag(nonfinite, foreach=False)),
+        ("SophiaG(foreach=True)", _sophiag(nonfinite, foreach=True)),
+        (FUSED_SOPHIA, _sophiag(nonfinite, fused=True)),
         (BASELINE, _adamw(foreach=True)),
         ("AdamW(foreach=False)", _adamw(foreach=False)),
         (FUSED_ADAMW, _adamw(fused=True)),
@@ -505,6 +512,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter dtype (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the parameters and gradients (default: %(default)s)")
+    parser.add_argument("--nonfinite", choices=["raise", "skip", "unchecked"], default="raise",
+                        help="SophiaG's rule for NaN/inf gradients; 'unchecked' skips the look for them (default: %(default)s)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     return parser
 
@@ -565,6 +574,7 @@ def _print_report(results: dict) -> None:
         f"timing   {results['warmup']} warm-up steps, then {results['repeats']} repeats of "
         f"{results['steps']} steps each, round-robin; per-step times"
     )
+    print(f"SophiaG  nonfinite={results['nonfinite']!r}, bs={results['bs']}")
     print()
     print(f"copy     {results['copy_bandwidth_gbs']:.1f} GB/s (dst.copy_(src) over a buffer of all the parameters)")
     print()
@@ -609,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Asked once for the report and once inside `contenders()`: the builds are cached, so the
     # second asking costs nothing but the fused AdamW probe.
     missing = unavailable(device, dtype)
-    timed = contenders(device, dtype)
+    timed = contenders(device, dtype, args.nonfinite)
     copies = {name: _copy_for(master, device, dtype) for name, _ in timed}
     del master
     # The factories build the optimizers (and fill Sophia's $h$) outside any timing. The
@@ -646,6 +656,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "bs": BS,
+        "nonfinite": args.nonfinite,
         "baseline": BASELINE,
         "copy_bandwidth_gbs": copy_bandwidth / 1e9,
         "unavailable": missing,

@@ -79,6 +79,25 @@ def test_bfloat16_runs():
     assert all(math.isfinite(r["median_ms"]) for r in results["results"].values())
 
 
+# `--nonfinite` reaches the optimizers that are timed: with "unchecked" the step does not
+# look for NaNs, so a NaN gradient passes through instead of being refused.
+def test_nonfinite_rule_reaches_the_timed_optimizers(capsys):
+    results = main([*TINY, "--repeats", "1", "--nonfinite", "unchecked"])
+    assert results["nonfinite"] == "unchecked"
+    assert "nonfinite='unchecked'" in capsys.readouterr().out
+    for nonfinite, refused in (("raise", True), ("unchecked", False)):
+        p = torch.zeros(3, requires_grad=True)
+        p.grad = torch.ones(3)
+        step = dict(contenders(nonfinite=nonfinite))["SophiaG(foreach=False)"]([p])
+        p.grad[1] = float("nan")
+        if refused:
+            with pytest.raises(FloatingPointError):
+                step()
+        else:
+            step()
+            assert torch.isnan(p).any()
+
+
 def _run_module(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "sophia.benchmark", *args],
