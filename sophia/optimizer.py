@@ -376,14 +376,15 @@ def _describe_nonfinite(named: Sequence[tuple[str, Tensor]], what: str) -> str:
 class SophiaG(Optimizer):
     r"""Sophia with the Gauss-Newton-Bartlett estimator: a drop-in replacement for the authors' `SophiaG`.
 
-    Arguments (the authors' names and defaults):
+    The first five arguments are the authors' (names and defaults); the others are
+    keyword-only and follow PyTorch's conventions.
+
+    Args:
         params: parameters or parameter groups, as for any `torch.optim` optimizer.
         lr: $\eta$, the largest step one coordinate can take (before weight decay).
         betas: $(\beta_1, \beta_2)$, the EMA rates of the momentum and of the Hessian.
         rho: $\rho$, how many Newton steps fit in one clipped step.
         weight_decay: $\lambda$, decoupled weight decay, applied as $\theta \mathrel{*}= 1 - \eta\lambda$.
-
-    Keyword-only (PyTorch conventions):
         maximize: maximize the objective instead of minimizing it.
         capturable: keep the step counters on the parameters' device; the step never
             synchronizes with the host either way.
