@@ -812,12 +812,18 @@ class _Tracker:
             from labml import experiment
             from labml.internal import experiment as experiment_internal
 
+            # Inside Jupyter, labml roots the lab at the working directory instead of at
+            # `python_file`, and warns when that directory has no `.labml.yaml`: the run is
+            # created from inside `out`, whose `.labml.yaml` it then finds.
             real_git_status = experiment_internal.get_git_status
             experiment_internal.get_git_status = _git_info
+            cwd = os.getcwd()
             try:
+                os.chdir(out)
                 experiment.create(name=self.name, python_file=str(out), writers={"screen"},
                                   disable_screen=not self.config.verbose)
             finally:
+                os.chdir(cwd)
                 experiment_internal.get_git_status = real_git_status
             experiment_internal.experiment_singleton().run.python_file = __file__
             experiment.configs(_flatten(self.config.to_dict()))
