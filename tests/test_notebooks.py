@@ -142,6 +142,11 @@ def test_setup_cell_installs_from_the_repository_on_colab(name, monkeypatch):
     command = calls[0]
     assert command[:4] == [sys.executable, "-m", "pip", "install"]
     assert any(arg.startswith("literate-sophia[") and arg.endswith(INSTALL_URL) for arg in command)
+    # Colab runs its own Jupyter: the extras are what the notebooks import (labml,
+    # matplotlib, ninja for the kernel's build), not the `notebooks` extra, whose `jupyter`
+    # would reinstall the notebook server under the running kernel.
+    (requirement,) = [arg for arg in command if arg.startswith("literate-sophia[")]
+    assert requirement.startswith("literate-sophia[train,fused] @ ")
     assert namespace["sophia"].__name__ == "sophia"
 
 
