@@ -130,7 +130,7 @@ def _worker(rank: int, port: int, out: str, configs: list[tuple[str, str]]) -> N
 
 
 # ## The single-process run on the concatenated batch
-def train_single(impl: str, *, nan_at=None, bs=GLOBAL_BATCH) -> list[torch.Tensor]:
+def train_single(impl: str, *, nan_at=None, bs=GLOBAL_BATCH) -> tuple[list[torch.Tensor], SophiaG]:
     model = make_model()
     opt = SophiaG(model.parameters(), **HYPER, **IMPLS[impl])
     for t in range(STEPS):
@@ -147,26 +147,7 @@ def train_single(impl: str, *, nan_at=None, bs=GLOBAL_BATCH) -> list[torch.Tenso
             (sum(halves) / WORLD).backward()
             opt.update_hessian()
             opt.zero_grad(set_to_none=True)
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def single_win_rate(impl: str) -> float:
-    model = make_model()
-    opt = SophiaG(model.parameters(), **HYPER, **IMPLS[impl])
-    for t in range(STEPS):
-        x, y = global_batch(t)
-        F.cross_entropy(model(x), y).backward()
-        opt.step(bs=GLOBAL_BATCH)
-        opt.zero_grad(set_to_none=True)
-        if t % K == K - 1:
-            xh, _ = global_batch(t, refresh=True)
-            logits = model(xh)
-            halves = [gnb_loss(logits[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH], generator=label_generator(t, r))[0]
-                      for r in range(WORLD)]
-            (sum(halves) / WORLD).backward()
-            opt.update_hessian()
-            opt.zero_grad(set_to_none=True)
-    return opt.win_rate()
+    return [p.detach().clone() for p in model.parameters()], opt
 
 
 def _free_port() -> int:
@@ -194,7 +175,7 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, impl", [c for c in CONFIGS if "+" not in c[1]])
 def test_distributed_training_equals_one_process_on_the_concatenated_batch(runs, engine, impl):
-    expected = train_single(impl)
+    expected, single_opt = train_single(impl)
     for rank in range(WORLD):
         record = runs[(engine, impl, rank)]
         assert record["skipped"] == 0
@@ -202,7 +183,7 @@ def test_distributed_training_equals_one_process_on_the_concatenated_batch(runs,
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
         # The clip win rate is over the whole model: under FSDP each process counts its
         # shards and the counts are summed, so every process reports the single process's rate.
-        assert record["win_rate"] == pytest.approx(single_win_rate(impl), abs=1e-12)
+        assert record["win_rate"] == pytest.approx(single_opt.win_rate(), abs=1e-12)
 
 
 # Sophia's state is elementwise, so FSDP shards it with the parameters: under
@@ -218,7 +199,7 @@ def test_fsdp_shards_the_state_with_the_parameters(runs):
 # clipped steps).
 @pytest.mark.slow
 def test_the_local_batch_as_bs_gives_another_run(runs):
-    wrong = train_single("reference", bs=LOCAL_BATCH)
+    wrong, _ = train_single("reference", bs=LOCAL_BATCH)
     got = runs[("ddp", "reference", 0)]["params"]
     assert max((a - b).abs().max().item() for a, b in zip(got, wrong)) > 1e-6
 
@@ -230,7 +211,7 @@ def test_the_local_batch_as_bs_gives_another_run(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_a_nan_on_one_process_is_skipped_by_all(runs, engine):
-    expected = train_single("reference", nan_at=3)
+    expected, _ = train_single("reference", nan_at=3)
     for rank in range(WORLD):
         record = runs[(engine, "reference+nan", rank)]
         assert record["skipped"] == 1
