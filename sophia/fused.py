@@ -459,8 +459,13 @@ def _is_dtensor(t: Any) -> bool:
 
 def _shards(lists: dict[str, list]) -> dict[str, list]:
     names = list(lists)
+    # Plain tensors only (no FSDP): the lists go on as they are, and nothing is looked at
+    # twice; `check_fused_tensors` does the checks of plain tensors.
     if not any(_is_dtensor(t) for tensors in lists.values() for t in tensors if isinstance(t, Tensor)):
         return lists
+    # Index by index, every list's tensor against the first list's (the parameter's): both
+    # `DTensor`s, on the same mesh, with the same placements. Lists of different lengths
+    # are compared as far as the shortest; `_check_parallel` refuses the difference.
     n = min(len(tensors) for tensors in lists.values())
     for i in range(n):
         first = lists[names[0]][i]
@@ -473,6 +478,7 @@ def _shards(lists: dict[str, list]) -> dict[str, list]:
                     f"{name}[{i}] is sharded as {tuple(t.placements)} but {names[0]}[{i}] as "
                     f"{tuple(first.placements)}; the fused kernel steps matching shards only"
                 )
+    # The shards, views of the `DTensor`s' memory: what the kernel writes, the `DTensor`s hold.
     return {name: [t.to_local() if _is_dtensor(t) else t for t in tensors] for name, tensors in lists.items()}
 
 

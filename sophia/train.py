@@ -1282,12 +1282,16 @@ def save_checkpoint(
 # `ValueError` that says which fields differ.
 def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     r"""Read the checkpoint at `path` and check that it belongs to a run of `config`."""
+    # `weights_only=True`: tensors, numbers, strings and containers, nothing that runs code
+    # on loading, which is all a checkpoint holds. Onto the CPU first: the model and the
+    # optimizer move each tensor to its parameter's device as they load it.
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"cannot read the checkpoint {str(path)!r}: {error}") from error
     if not isinstance(saved, dict) or saved.get("format") != 1:
         raise ValueError(f"{str(path)!r} is not a checkpoint written by sophia.train")
+    # The configuration, field by field; every field that differs is named in the error.
     now = _comparable(config)
     differ = sorted(k for k in set(now) | set(saved["config"]) if now.get(k) != saved["config"].get(k))
     if differ:
