@@ -515,8 +515,12 @@ class SophiaG(Optimizer):
     # is loaded:
     #
     # * `exp_avg` and `hessian`, where present, are floating-point tensors of the
-    #   parameter's shape, with finite values (a negative `hessian` is allowed: Hutchinson's
-    #   estimates make one, and the step's guard handles it);
+    #   parameter's shape, with no NaN; `exp_avg` is finite. A negative `hessian` is
+    #   allowed (Hutchinson's estimates make one, and the step's guard handles it), and so
+    #   is an infinite one: the optimizer itself reaches $h = \infty$ from finite
+    #   gradients near the dtype's largest value ($\hat g^2$ overflows), the step then
+    #   moves that coordinate by zero (or by $\eta$ for $-\infty$), and a checkpoint of
+    #   such a run must load;
     # * a state with `exp_avg` and no `hessian` (a checkpoint of another optimizer, e.g.
     #   AdamW's, whose `exp_avg` is the same $m$) is the documented recovery: it loads, and
     #   $h$ starts at zero, so the steps are sign-of-momentum steps of size $\eta$ until the
@@ -969,7 +973,10 @@ def _check_loaded(where: str, name: str, value: Any, p: Tensor) -> None:
             f"{tuple(p.shape)} (a checkpoint of another model, or parameters in another order?)"
         )
     local = _local(value)
-    if not bool(torch.isfinite(local).all()):
+    if name == "hessian":
+        if bool(torch.isnan(local).any()):
+            raise ValueError(f"loaded state of {where}: 'hessian' holds NaN")
+    elif not bool(torch.isfinite(local).all()):
         raise ValueError(f"loaded state of {where}: '{name}' holds non-finite values (NaN or inf)")
 
 

@@ -128,8 +128,41 @@ def test_a_nonfinite_state_is_refused():
     sd = opt.state_dict()
     sd["state"][1]["hessian"] = sd["state"][1]["hessian"].clone()
     sd["state"][1]["hessian"][0] = float("nan")
-    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: 'hessian' holds non-finite values"):
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: 'hessian' holds NaN"):
         SophiaG(make_model().parameters(), **HYPER).load_state_dict(sd)
+    sd = opt.state_dict()
+    sd["state"][1]["exp_avg"] = sd["state"][1]["exp_avg"].clone()
+    sd["state"][1]["exp_avg"][0] = float("inf")
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: 'exp_avg' holds non-finite values"):
+        SophiaG(make_model().parameters(), **HYPER).load_state_dict(sd)
+
+
+# Finite gradients near the dtype's largest value make $\hat g^2$ overflow, and the
+# optimizer stores $h = \infty$ (those coordinates then take zero steps). A checkpoint of
+# that run loads, and the loaded optimizer continues exactly as the original does.
+def test_an_infinite_hessian_reached_by_the_optimizer_loads():
+    big = torch.finfo(torch.float32).max
+    runs = []
+    for _ in range(2):
+        p = torch.zeros(3, requires_grad=True)
+        runs.append((p, SophiaG([p], lr=0.1)))
+    (p, opt), (q, other) = runs
+    p.grad = torch.tensor([big, -big, 1.0])
+    opt.update_hessian()
+    opt.step(bs=5120)
+    assert torch.isinf(opt.state[p]["hessian"][:2]).all()
+    # Through bytes, as a checkpoint goes (an in-memory `state_dict()` shares its tensors).
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        q.copy_(p)
+    for t in (p, q):
+        t.grad = torch.tensor([1.0, -1.0, 1.0])
+    opt.step(bs=5120)
+    other.step(bs=5120)
+    assert torch.equal(p, q) and torch.isfinite(p).all()
 
 
 def test_a_state_of_the_wrong_dtype_is_refused():
