@@ -95,7 +95,7 @@ COMMENT_MARKERS = {"python": "#", "cpp": "//"}
 # here wins: the implementation before its header.
 LINK_PREFERENCE = [".py", ".cu", ".cuh", ".cpp", ".h"]
 
-# The notebooks, by their agreed names, and which of them each page links to, by the
+# The notebooks, by name, and which of them each page links to, by the
 # page's path under `code/`. A page whose notebook is not in `notebooks/` links to none.
 NOTEBOOKS = [
     "01_toy_quadratics.ipynb",
