@@ -15,7 +15,7 @@ Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian's `chromium` and
 
 import functools
 import http.server
-import os
+import importlib.util
 import pathlib
 import shutil
 import subprocess
@@ -24,6 +24,7 @@ import tempfile
 import threading
 
 import pytest
+from conftest import require
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -35,18 +36,9 @@ pytestmark = pytest.mark.slow
 
 def _require_browser():
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        reason = f"the browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        message = "the browser test needs selenium (pip install -e '.[dev]')"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    require(not missing, f"the browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)")
+    require(importlib.util.find_spec("selenium") is not None, "the browser test needs selenium (pip install -e '.[dev]')")
+    require(shutil.which("npm") is not None, "building the site needs npm, which installs KaTeX (apt-get install npm)")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 import pytest
+from conftest import require
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REBUILD = "mkdocs build   (at the top of the repository, with `pip install -e '.[docs]'` and npm; then commit site/)"
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def _build() -> tuple[pathlib.Path, str]:
+    require(shutil.which("npm") is not None, "building the site needs npm, which installs KaTeX (apt-get install npm)")
     out = pathlib.Path(tempfile.mkdtemp(prefix="sophia-site-"))
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
