@@ -23,7 +23,6 @@ compare those with a single-process run computed here. What makes the runs compa
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path

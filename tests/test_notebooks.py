@@ -26,7 +26,6 @@ from pathlib import Path
 import nbformat
 import pytest
 
-import sophia
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = ["01_toy_quadratics", "02_hessian_estimators", "03_small_transformer", "04_cuda_kernel"]

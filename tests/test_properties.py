@@ -25,7 +25,6 @@ step). The runs are derandomized, so CI sees the same examples every time;
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
