@@ -15,8 +15,10 @@ The Sophia optimizer of [Liu et al.](https://arxiv.org/abs/2305.14342), written 
   (Gauss-Newton-Bartlett, Hutchinson, and the exact diagonal for small problems).
 * [`sophia.fused`](fused.html) and `sophia/csrc/`: the fused kernel, CUDA C++ that also
   runs on the CPU.
-* [`sophia.model`](model.html), [`sophia.data`](data.html), [`sophia.train`](train.html):
-  a small GPT, an offline corpus, and the training loop that compares Sophia with AdamW.
+
+That is the whole library, and all that `import sophia` loads. The experiments that *use*
+it (a small GPT, an offline corpus, the training loop that compares Sophia with AdamW,
+the benchmark and the demo) are the subpackage [`sophia.experiments`](experiments/__init__.html).
 """
 
 from .hessian import exact_hessian_diagonal, gnb_loss, hutchinson

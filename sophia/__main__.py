@@ -1,7 +1,7 @@
-r"""Run `python -m sophia`: the toy-problem demo of `sophia.demo`."""
+r"""Run `python -m sophia`: the toy-problem demo of `sophia.experiments.demo`."""
 
 import sys
 
-from .demo import main
+from .experiments.demo import main
 
 sys.exit(main())

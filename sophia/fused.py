@@ -136,7 +136,9 @@ def _missing(device_type: str) -> list[str]:
     # distributions ship it in a separate package.
     include = sysconfig.get_paths().get("include")
     if include is None or not Path(include, "Python.h").exists():
-        missing.append("Python's C headers (`apt install python3-dev`, or a Python that ships them)")
+        missing.append(
+            "Python's C headers (`apt install python3-dev`, or a Python that ships them)"
+        )
     # The CUDA build needs a PyTorch built for CUDA, a toolkit, and a toolkit of the same
     # major version. `cpp_extension.load` does not compare the versions itself, and a
     # mismatch would surface later as a compiler or loader error far from its cause
@@ -159,7 +161,9 @@ def _missing(device_type: str) -> list[str]:
             # that links with it.
             nvcc = _nvcc_version(cpp_extension.CUDA_HOME)
             if nvcc is None:
-                missing.append(f"a working nvcc under CUDA_HOME={cpp_extension.CUDA_HOME}")
+                missing.append(
+                    f"a working nvcc under CUDA_HOME={cpp_extension.CUDA_HOME}"
+                )
             elif nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
                 missing.append(
                     f"an nvcc matching torch's CUDA {torch.version.cuda}: CUDA_HOME={cpp_extension.CUDA_HOME} "
@@ -174,7 +178,9 @@ def _missing(device_type: str) -> list[str]:
 def _nvcc_version(cuda_home: str) -> str | None:
     nvcc = Path(cuda_home, "bin", "nvcc.exe" if sys.platform == "win32" else "nvcc")
     try:
-        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run(
+            [str(nvcc), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+\.\d+)", out)
@@ -206,7 +212,10 @@ def _cpu_flags() -> tuple[str, list[str], list[str]]:
     # The test on `get_cpu_capability()` rides on PyTorch's own CPU detection, which
     # reports `AVX2` or `AVX512` only for a CPU that also has fused multiply-add.
     name = "sophia_fused_cpu"
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if platform.machine().lower() in (
+        "x86_64",
+        "amd64",
+    ) and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         cflags.append("-mfma")
         name += "_fma"
     return name, cflags, ldflags
@@ -224,7 +233,8 @@ def _build(device_type: str) -> ModuleType:
     missing = _missing(device_type)
     if missing:
         raise FusedUnavailableError(
-            f"the {device_type} build of the fused Sophia kernel needs " + "; and ".join(missing)
+            f"the {device_type} build of the fused Sophia kernel needs "
+            + "; and ".join(missing)
         )
     from torch.utils import cpp_extension
 
@@ -245,7 +255,9 @@ def _build(device_type: str) -> ModuleType:
         name = "sophia_fused_cuda"
         kwargs = dict(
             sources=[str(_CSRC / "binding.cpp"), str(_CSRC / "sophia_launcher.cu")],
-            extra_cflags=["-O3", "-DSOPHIA_BUILD_CUDA"] if sys.platform != "win32" else ["/O2", "/DSOPHIA_BUILD_CUDA"],
+            extra_cflags=["-O3", "-DSOPHIA_BUILD_CUDA"]
+            if sys.platform != "win32"
+            else ["/O2", "/DSOPHIA_BUILD_CUDA"],
             extra_cuda_cflags=["-O3"],
         )
     # Any failure of the compiler or the loader becomes a `FusedUnavailableError` that
@@ -273,7 +285,9 @@ def load_extension(device_type: str) -> ModuleType:
     # Another device type is a programming error, not a missing tool: a `ValueError`,
     # raised before the lock, and never cached.
     if device_type not in ("cpu", "cuda"):
-        raise ValueError(f"the fused kernel has a 'cpu' and a 'cuda' build, got device type {device_type!r}")
+        raise ValueError(
+            f"the fused kernel has a 'cpu' and a 'cuda' build, got device type {device_type!r}"
+        )
     # Build or fetch, under the lock; a failure is cached like a success. The cached error is
     # raised outside the lock, so a thread that raises never holds it.
     with _BUILD_LOCK:
@@ -319,7 +333,9 @@ COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 # What an error message says about a tensor: enough to find it in the model (shape,
 # dtype, device) and to see what is wrong with it (layout, strides).
 def _describe(t: Tensor) -> str:
-    text = f"dtype {t.dtype}, device {t.device}, layout {t.layout}, shape {tuple(t.shape)}"
+    text = (
+        f"dtype {t.dtype}, device {t.device}, layout {t.layout}, shape {tuple(t.shape)}"
+    )
     if t.layout == torch.strided:
         text += f", strides {t.stride()}"
     return text
@@ -332,7 +348,9 @@ def _check_tensor(name: str, i: int, t: Any) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
-        raise TypeError(f"{name}[{i}] has layout {t.layout} ({_describe(t)}); the fused kernel takes dense tensors")
+        raise TypeError(
+            f"{name}[{i}] has layout {t.layout} ({_describe(t)}); the fused kernel takes dense tensors"
+        )
     # A tensor on another device (`mps`, `xpu`, `meta`) has no build to go to: a
     # `RuntimeError`, as PyTorch raises for a device an op does not support.
     if t.device.type not in ("cpu", "cuda"):
@@ -412,9 +430,13 @@ def _check_parallel(lists: dict[str, list], first: str, *, same_dtype: bool) -> 
         for name, tensors in lists.items():
             t = tensors[i]
             if t.device != ref.device:
-                raise ValueError(f"{name}[{i}] is on {t.device} but {first}[{i}] is on {ref.device}")
+                raise ValueError(
+                    f"{name}[{i}] is on {t.device} but {first}[{i}] is on {ref.device}"
+                )
             if t.shape != ref.shape:
-                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)} but {first}[{i}] has {tuple(ref.shape)}")
+                raise ValueError(
+                    f"{name}[{i}] has shape {tuple(t.shape)} but {first}[{i}] has {tuple(ref.shape)}"
+                )
             # The step needs the four tensors of an index in one dtype: a launch has one storage
             # type. The EMA does not (`same_dtype=False`): its estimates are converted first.
             if same_dtype and t.dtype != ref.dtype:
@@ -423,15 +445,21 @@ def _check_parallel(lists: dict[str, list], first: str, *, same_dtype: bool) -> 
                     "needs a parameter and its state in one dtype"
                 )
             if t.is_complex() != ref.is_complex():
-                raise TypeError(f"{name}[{i}] has dtype {t.dtype} but {first}[{i}] has {ref.dtype} (complex and real)")
+                raise TypeError(
+                    f"{name}[{i}] has dtype {t.dtype} but {first}[{i}] has {ref.dtype} (complex and real)"
+                )
 
 
 # A scalar argument (`lr`, `grad_scale`, `found_inf`) is a Python number or a tensor that
 # holds one floating-point value: the kernel reads a single `float32` from its address,
 # and a tensor of several values has no single value to give it.
 def _check_one_value(name: str, value: Any) -> None:
-    if isinstance(value, Tensor) and (value.numel() != 1 or not value.is_floating_point()):
-        raise ValueError(f"{name} as a tensor must hold one floating-point value, got {_describe(value)}")
+    if isinstance(value, Tensor) and (
+        value.numel() != 1 or not value.is_floating_point()
+    ):
+        raise ValueError(
+            f"{name} as a tensor must hold one floating-point value, got {_describe(value)}"
+        )
 
 
 # The extensions for the devices of `tensors`, built (or found unavailable) before
@@ -440,7 +468,10 @@ def _check_one_value(name: str, value: Any) -> None:
 # In sorted order, so that two runs build in the same order and report the same first
 # failure.
 def _extensions(tensors: list[Tensor]) -> dict[str, ModuleType]:
-    return {device_type: load_extension(device_type) for device_type in sorted({t.device.type for t in tensors})}
+    return {
+        device_type: load_extension(device_type)
+        for device_type in sorted({t.device.type for t in tensors})
+    }
 
 
 # ## Sharded tensors (FSDP)
@@ -454,14 +485,21 @@ def _extensions(tensors: list[Tensor]) -> dict[str, ModuleType]:
 # gradient still waiting for its reduction (`Partial`), or a state sharded otherwise,
 # is refused, since the kernel would combine shards that do not hold the same elements.
 def _is_dtensor(t: Any) -> bool:
-    return isinstance(t, Tensor) and hasattr(t, "device_mesh") and hasattr(t, "to_local")
+    return (
+        isinstance(t, Tensor) and hasattr(t, "device_mesh") and hasattr(t, "to_local")
+    )
 
 
 def _shards(lists: dict[str, list]) -> dict[str, list]:
     names = list(lists)
     # Plain tensors only (no FSDP): the lists go on as they are, and nothing is looked at
     # twice; `check_fused_tensors` does the checks of plain tensors.
-    if not any(_is_dtensor(t) for tensors in lists.values() for t in tensors if isinstance(t, Tensor)):
+    if not any(
+        _is_dtensor(t)
+        for tensors in lists.values()
+        for t in tensors
+        if isinstance(t, Tensor)
+    ):
         return lists
     # Index by index, every list's tensor against the first list's (the parameter's): both
     # `DTensor`s, on the same mesh, with the same placements. Lists of different lengths
@@ -472,14 +510,21 @@ def _shards(lists: dict[str, list]) -> dict[str, list]:
         for name in names:
             t = lists[name][i]
             if not (_is_dtensor(first) and _is_dtensor(t)):
-                raise TypeError(f"{name}[{i}] and {names[0]}[{i}] must both be DTensors or both plain tensors")
-            if t.device_mesh != first.device_mesh or tuple(t.placements) != tuple(first.placements):
+                raise TypeError(
+                    f"{name}[{i}] and {names[0]}[{i}] must both be DTensors or both plain tensors"
+                )
+            if t.device_mesh != first.device_mesh or tuple(t.placements) != tuple(
+                first.placements
+            ):
                 raise ValueError(
                     f"{name}[{i}] is sharded as {tuple(t.placements)} but {names[0]}[{i}] as "
                     f"{tuple(first.placements)}; the fused kernel steps matching shards only"
                 )
     # The shards, views of the `DTensor`s' memory: what the kernel writes, the `DTensor`s hold.
-    return {name: [t.to_local() if _is_dtensor(t) else t for t in tensors] for name, tensors in lists.items()}
+    return {
+        name: [t.to_local() if _is_dtensor(t) else t for t in tensors]
+        for name, tensors in lists.items()
+    }
 
 
 # ## Scalars on the right device
@@ -517,7 +562,9 @@ def _lr_for(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | N
 # that wrote the gradients), before whatever the caller queues next, and a graph capture
 # of that stream captures it.
 # On the CPU there is no stream: `0`, and nothing to enter.
-def _stream_and_device(device: torch.device) -> tuple[int, contextlib.AbstractContextManager]:
+def _stream_and_device(
+    device: torch.device,
+) -> tuple[int, contextlib.AbstractContextManager]:
     if device.type == "cuda":
         return torch.cuda.current_stream(device).cuda_stream, torch.cuda.device(device)
     return 0, contextlib.nullcontext()
@@ -588,13 +635,17 @@ def sophiag_fused(
     # The checks. Every tensor on its own, then the four lists against each other, then the
     # counters and the scalars. A refused call returns here, with nothing written. Sharded
     # tensors (FSDP) are replaced by this process's shards first (see above).
-    lists = _shards(dict(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians))
+    lists = _shards(
+        dict(params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
+    )
     params, exp_avgs = lists["params"], lists["exp_avgs"]
     check_fused_tensors(lists)
     _check_parallel(lists, "params", same_dtype=True)
     # The counters never reach the kernel (`_count_steps` counts them with PyTorch ops,
     # wherever they live), so one tensor per parameter is all that is asked of them.
-    if len(state_steps) != len(params) or not all(isinstance(s, Tensor) for s in state_steps):
+    if len(state_steps) != len(params) or not all(
+        isinstance(s, Tensor) for s in state_steps
+    ):
         raise TypeError(f"state_steps must be {len(params)} tensors, one per parameter")
     _check_one_value("lr", lr)
     _check_one_value("grad_scale", grad_scale)
@@ -616,7 +667,9 @@ def sophiag_fused(
 
     # Reference: the loop over tensors, here one kernel call per `(device, dtype)`
     # group, complex tensors viewed as real (as in the foreach version).
-    groups = group_by_device_and_dtype(*[[_as_real(t) for t in tensors] for tensors in lists.values()])
+    groups = group_by_device_and_dtype(
+        *[[_as_real(t) for t in tensors] for tensors in lists.values()]
+    )
     # For each group, the arguments of its call, including the scalars copied to its device
     # (see `_on_device`). These copies are new tensors: the caller's are only read.
     calls = []
@@ -628,7 +681,14 @@ def sophiag_fused(
         calls.append(
             (
                 device,
-                (group_params, group_grads, group_exp_avgs, group_hessians, lr_value, lr_tensor),
+                (
+                    group_params,
+                    group_grads,
+                    group_exp_avgs,
+                    group_hessians,
+                    lr_value,
+                    lr_tensor,
+                ),
                 None if grad_scale is None else _on_device(grad_scale, device),
                 None if found_inf is None else _on_device(found_inf, device),
             )
@@ -651,7 +711,20 @@ def sophiag_fused(
         stream, on_device = _stream_and_device(device)
         with on_device:
             extensions[device.type].fused_step(
-                ps, gs, ms, hs, lr_value, lr_tensor, beta1, rho * bs, weight_decay, eps, maximize, scale, inf, stream
+                ps,
+                gs,
+                ms,
+                hs,
+                lr_value,
+                lr_tensor,
+                beta1,
+                rho * bs,
+                weight_decay,
+                eps,
+                maximize,
+                scale,
+                inf,
+                stream,
             )
     # The kernel wrote `param` and `exp_avg`, so those have their version bumped (see
     # `_mark_written`); `grad` and `hessian` were only read.
@@ -693,12 +766,17 @@ def hessian_ema_fused(
     # conversion makes a new tensor: the caller's estimate is not changed.
     real_hessians = [_as_real(h) for h in hessians]
     real_estimates = [_as_real(e) for e in estimates]
-    real_estimates = [e if e.dtype == h.dtype else e.to(h.dtype) for h, e in zip(real_hessians, real_estimates)]
+    real_estimates = [
+        e if e.dtype == h.dtype else e.to(h.dtype)
+        for h, e in zip(real_hessians, real_estimates)
+    ]
 
     # Reference: the loop over tensors, here one call per `(device, dtype)` group, as in the
     # step. `square` selects $\hat g \odot \hat g$ or $\hat h$ as the estimate, as in the
     # reference.
-    for group_hessians, group_estimates in group_by_device_and_dtype(real_hessians, real_estimates).values():
+    for group_hessians, group_estimates in group_by_device_and_dtype(
+        real_hessians, real_estimates
+    ).values():
         stream, on_device = _stream_and_device(group_hessians[0].device)
         with on_device:
             extensions[group_hessians[0].device.type].hessian_ema(

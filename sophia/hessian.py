@@ -88,11 +88,17 @@ __all__ = ["gnb_loss", "hutchinson", "exact_hessian_diagonal"]
 # `torch.no_grad()`, or parameters with `requires_grad=False`).
 def _check_loss(loss: object, fn: str) -> None:
     if not isinstance(loss, Tensor):
-        raise TypeError(f"{fn}: `loss` must be a torch.Tensor, got {type(loss).__name__}")
+        raise TypeError(
+            f"{fn}: `loss` must be a torch.Tensor, got {type(loss).__name__}"
+        )
     if not loss.is_floating_point():
-        raise TypeError(f"{fn}: `loss` must be a real floating-point tensor, got dtype {loss.dtype}")
+        raise TypeError(
+            f"{fn}: `loss` must be a real floating-point tensor, got dtype {loss.dtype}"
+        )
     if loss.numel() != 1:
-        raise ValueError(f"{fn}: `loss` must be a scalar, got shape {tuple(loss.shape)}")
+        raise ValueError(
+            f"{fn}: `loss` must be a scalar, got shape {tuple(loss.shape)}"
+        )
     if loss.grad_fn is None:
         raise ValueError(
             f"{fn}: `loss` has no grad_fn (requires_grad={loss.requires_grad}); "
@@ -117,14 +123,18 @@ def _check_params(params: object, fn: str) -> list[Tensor]:
         raise ValueError(f"{fn}: `params` is empty")
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
-            raise TypeError(f"{fn}: `params[{i}]` must be a torch.Tensor, got {type(p).__name__}")
+            raise TypeError(
+                f"{fn}: `params[{i}]` must be a torch.Tensor, got {type(p).__name__}"
+            )
         if p.is_complex():
             raise TypeError(
                 f"{fn}: `params[{i}]` has complex dtype {p.dtype}; complex parameters are not "
                 "supported, pass torch.view_as_real views of them instead"
             )
         if not p.is_floating_point():
-            raise TypeError(f"{fn}: `params[{i}]` must be floating point, got dtype {p.dtype}")
+            raise TypeError(
+                f"{fn}: `params[{i}]` must be floating point, got dtype {p.dtype}"
+            )
         if not p.requires_grad:
             raise ValueError(
                 f"{fn}: `params[{i}]` (shape {tuple(p.shape)}) has requires_grad=False"
@@ -146,7 +156,9 @@ def _check_generator(generator: object, fn: str) -> None:
 # use) stands for a zero gradient.
 def _check_grads(grads: object, params: list[Tensor], fn: str) -> list[Tensor]:
     if isinstance(grads, Tensor) or not isinstance(grads, Iterable):
-        raise TypeError(f"{fn}: `grads` must be a sequence of tensors, got {type(grads).__name__}")
+        raise TypeError(
+            f"{fn}: `grads` must be a sequence of tensors, got {type(grads).__name__}"
+        )
     grads = list(grads)
     if len(grads) != len(params):
         raise ValueError(
@@ -157,7 +169,9 @@ def _check_grads(grads: object, params: list[Tensor], fn: str) -> list[Tensor]:
         if g is None:
             g = torch.zeros_like(p)
         elif not isinstance(g, Tensor):
-            raise TypeError(f"{fn}: `grads[{i}]` must be a torch.Tensor or None, got {type(g).__name__}")
+            raise TypeError(
+                f"{fn}: `grads[{i}]` must be a torch.Tensor or None, got {type(g).__name__}"
+            )
         elif g.shape != p.shape:
             raise ValueError(
                 f"{fn}: `grads[{i}]` has shape {tuple(g.shape)} but `params[{i}]` has shape {tuple(p.shape)}"
@@ -262,16 +276,26 @@ def gnb_loss(
     fn = "gnb_loss"
     _check_generator(generator, fn)
     if not isinstance(logits, Tensor):
-        raise TypeError(f"{fn}: `logits` must be a torch.Tensor, got {type(logits).__name__}")
+        raise TypeError(
+            f"{fn}: `logits` must be a torch.Tensor, got {type(logits).__name__}"
+        )
     if not logits.is_floating_point():
-        raise TypeError(f"{fn}: `logits` must be a real floating-point tensor, got dtype {logits.dtype}")
+        raise TypeError(
+            f"{fn}: `logits` must be a real floating-point tensor, got dtype {logits.dtype}"
+        )
     if logits.dim() < 1:
-        raise ValueError(f"{fn}: `logits` must have shape (..., V), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"{fn}: `logits` must have shape (..., V), got shape {tuple(logits.shape)}"
+        )
     vocab_size = logits.shape[-1]
     if vocab_size < 1:
-        raise ValueError(f"{fn}: `logits` has vocabulary size V = 0 (shape {tuple(logits.shape)})")
+        raise ValueError(
+            f"{fn}: `logits` has vocabulary size V = 0 (shape {tuple(logits.shape)})"
+        )
     if logits.numel() == 0:
-        raise ValueError(f"{fn}: `logits` has no predictions (shape {tuple(logits.shape)})")
+        raise ValueError(
+            f"{fn}: `logits` has no predictions (shape {tuple(logits.shape)})"
+        )
     # A logit of $-\infty$ is a masked class (probability zero) and is fine; NaN,
     # $+\infty$, or a prediction whose every class is masked has no distribution to
     # sample from. (This check waits for the device once per refresh.)
@@ -281,7 +305,9 @@ def gnb_loss(
             f"{fn}: `logits` (shape {tuple(logits.shape)}, dtype {logits.dtype}) contains NaN or +inf values"
         )
     if bool(torch.isneginf(detached).all(dim=-1).any()):
-        raise ValueError(f"{fn}: `logits` (shape {tuple(logits.shape)}) has a prediction with every class at -inf")
+        raise ValueError(
+            f"{fn}: `logits` (shape {tuple(logits.shape)}) has a prediction with every class at -inf"
+        )
 
     # Every position of the leading dimensions is one prediction: $(\ldots, V)$ becomes
     # $(B, V)$, and $B$ is a Python `int`, ready to be the optimizer's `bs`.
@@ -379,13 +405,19 @@ def gnb_loss(
 # `randint` is exclusive, so `randint(0, 1)` would always be $0$, and the probe always
 # $-1$ (a bug in a popular implementation: it makes every $u_iu_j = 1$, and the estimate
 # becomes the row sums of $H$, not its diagonal).
-def _probe(like: Tensor, distribution: str, generator: torch.Generator | None) -> Tensor:
+def _probe(
+    like: Tensor, distribution: str, generator: torch.Generator | None
+) -> Tensor:
     device = generator.device if generator is not None else like.device
     if distribution == "rademacher":
-        u = torch.randint(0, 2, like.shape, generator=generator, device=device, dtype=like.dtype)
+        u = torch.randint(
+            0, 2, like.shape, generator=generator, device=device, dtype=like.dtype
+        )
         u = u.mul_(2).sub_(1)
     else:
-        u = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
+        u = torch.randn(
+            like.shape, generator=generator, device=device, dtype=like.dtype
+        )
     return u.to(like.device)
 
 
@@ -477,7 +509,9 @@ def hutchinson(
                 materialize_grads=True,
             )
         except RuntimeError as error:
-            if "derivative for" not in str(error) or "not implemented" not in str(error):
+            if "derivative for" not in str(error) or "not implemented" not in str(
+                error
+            ):
                 raise
             raise RuntimeError(
                 f"hutchinson: the loss's graph has an operation with no second derivative ({error}). "
@@ -548,7 +582,11 @@ def exact_hessian_diagonal(
                 # $$H_{ii} = \partial g_i / \partial \theta_i ,$$
                 # the $i$-th entry of the gradient of $g_i$ with respect to this tensor.
                 (row,) = torch.autograd.grad(
-                    g_flat[i], p, retain_graph=True, allow_unused=True, materialize_grads=True
+                    g_flat[i],
+                    p,
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
                 )
                 diagonal[i] = row.reshape(-1)[i]
         diagonals.append(diagonal.reshape(p.shape))

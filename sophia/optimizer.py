@@ -53,8 +53,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,7 +68,11 @@ from torch.optim import Optimizer
 # it.
 from .foreach import hessian_ema_foreach, sophiag_foreach
 from .hessian import hutchinson
-from .reference import hessian_ema_reference, sophiag_reference, unclipped_count_reference
+from .reference import (
+    hessian_ema_reference,
+    sophiag_reference,
+    unclipped_count_reference,
+)
 
 __all__ = ["SophiaG", "SophiaH"]
 
@@ -95,7 +99,9 @@ def _is_number(x: Any) -> bool:
 # decay) are legitimate, $\rho = 0$ and $\epsilon = 0$ are not (see `_check_group`).
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool) -> None:
     if not _is_number(value):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a real number, got {value!r} of type {type(value).__name__}"
+        )
     ok = value >= low if low_inclusive else value > low
     if not (math.isfinite(value) and ok):
         bound = f">= {low}" if low_inclusive else f"> {low}"
@@ -121,7 +127,9 @@ def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool) -> 
 def _check_group(group: dict, where: str, *, at_step: bool = False) -> None:
     _check_lr(group, where, at_step=at_step)
     _check_number(f"{where}rho", group["rho"], low=0.0, low_inclusive=False)
-    _check_number(f"{where}weight_decay", group["weight_decay"], low=0.0, low_inclusive=True)
+    _check_number(
+        f"{where}weight_decay", group["weight_decay"], low=0.0, low_inclusive=True
+    )
     _check_number(f"{where}eps", group["eps"], low=0.0, low_inclusive=False)
     betas = group["betas"]
     if not (isinstance(betas, Sequence) and len(betas) == 2):
@@ -135,9 +143,13 @@ def _check_group(group: dict, where: str, *, at_step: bool = False) -> None:
             raise TypeError(f"{where}{flag} must be a bool, got {group[flag]!r}")
     for flag in ("foreach", "fused"):
         if group[flag] is not None and not isinstance(group[flag], bool):
-            raise TypeError(f"{where}{flag} must be None or a bool, got {group[flag]!r}")
+            raise TypeError(
+                f"{where}{flag} must be None or a bool, got {group[flag]!r}"
+            )
     if group["foreach"] and group["fused"]:
-        raise ValueError(f"{where}foreach=True and fused=True cannot both be set: pick one implementation")
+        raise ValueError(
+            f"{where}foreach=True and fused=True cannot both be set: pick one implementation"
+        )
 
 
 # The learning rate is a Python number, or, with `fused=True`, a one-element floating
@@ -160,10 +172,14 @@ def _check_lr(group: dict, where: str, *, at_step: bool) -> None:
     # tensor `lr` goes only to the kernel, which reads it from memory, and any other
     # combination is refused when the group is made.
     if not group["fused"]:
-        raise TypeError(f"{where}lr is a tensor ({lr.dtype}, {lr.device}); a tensor lr needs fused=True")
+        raise TypeError(
+            f"{where}lr is a tensor ({lr.dtype}, {lr.device}); a tensor lr needs fused=True"
+        )
     if lr.numel() != 1 or not lr.is_floating_point():
-        raise ValueError(f"{where}lr as a tensor must hold one floating-point value, got shape "
-                         f"{tuple(lr.shape)} and dtype {lr.dtype}")
+        raise ValueError(
+            f"{where}lr as a tensor must hold one floating-point value, got shape "
+            f"{tuple(lr.shape)} and dtype {lr.dtype}"
+        )
     # The value is read once, when the group is made, outside any capture: one wait for the
     # device at setup costs nothing, and catches a NaN or negative schedule start. At a
     # step (`at_step=True`) only the shape and dtype above are checked, which needs no read.
@@ -208,7 +224,10 @@ def _foreach_devices() -> set[str]:
 # qualify.
 def _default_foreach(params: list[Tensor]) -> bool:
     devices = _foreach_devices()
-    return all(type(p) in (Tensor, torch.nn.Parameter) and p.device.type in devices for p in params)
+    return all(
+        type(p) in (Tensor, torch.nn.Parameter) and p.device.type in devices
+        for p in params
+    )
 
 
 # The rules, in the order they are tested, for one group and the tensors it is about to
@@ -229,7 +248,9 @@ def _default_foreach(params: list[Tensor]) -> bool:
 #
 # The choice is made per group and per call, from the tensors at hand, so a group whose
 # gradients change layout falls back for that step only. `fused=False` skips rule 4.
-def _implementation(group: dict, params: list[Tensor], tensors: Sequence[Tensor] = ()) -> str:
+def _implementation(
+    group: dict, params: list[Tensor], tensors: Sequence[Tensor] = ()
+) -> str:
     if group["fused"]:
         return "fused"
     if group["foreach"] is not None:
@@ -315,7 +336,9 @@ def _local(t: Tensor) -> Tensor:
 # only when there are `DTensor`s. (Under DDP the gradients are all-reduced before the
 # step, so a NaN on one process is a NaN on all of them, and no collective is needed.)
 def _agree_across_shards(found: Tensor, tensors: Sequence[Tensor]) -> Tensor:
-    meshes = {id(t.device_mesh): t.device_mesh for t in tensors if hasattr(t, "device_mesh")}
+    meshes = {
+        id(t.device_mesh): t.device_mesh for t in tensors if hasattr(t, "device_mesh")
+    }
     for mesh in meshes.values():
         for dim in range(mesh.ndim):
             group = mesh.get_group(dim)
@@ -345,13 +368,19 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     local = [_local(t) for t in tensors]
     groups: dict[tuple, list[Tensor]] = {}
     for t in local:
-        s = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+        s = (
+            t.sum(dtype=torch.float32)
+            if t.dtype in (torch.float16, torch.bfloat16)
+            else t.sum()
+        )
         groups.setdefault((s.device, s.dtype), []).append(s)
     flags = [(~torch.stack(sums).isfinite()).any().cpu() for sums in groups.values()]
     found = torch.stack(flags).any().float()
     # A sum that is not finite: look at the elements, the slow path, taken at most once.
     if bool(found):
-        found = torch.tensor(float(not all(bool(torch.isfinite(t).all()) for t in local)))
+        found = torch.tensor(
+            float(not all(bool(torch.isfinite(t).all()) for t in local))
+        )
     found = _agree_across_shards(found, tensors)
     return not bool(found)
 
@@ -368,8 +397,10 @@ def _describe_nonfinite(named: Sequence[tuple[str, Tensor]], what: str) -> str:
                 kinds.append("NaN")
             if bool(torch.isinf(local).any()):
                 kinds.append("inf")
-            return (f"{name} has a {what} with {n_bad} non-finite value(s) ({' and '.join(kinds)}) "
-                    f"of {local.numel()} (shape {tuple(t.shape)}, dtype {t.dtype})")
+            return (
+                f"{name} has a {what} with {n_bad} non-finite value(s) ({' and '.join(kinds)}) "
+                f"of {local.numel()} (shape {tuple(t.shape)}, dtype {t.dtype})"
+            )
     return f"a {what} on another process holds non-finite values"
 
 
@@ -445,7 +476,9 @@ class SophiaG(Optimizer):
         # The rule for non-finite values is one for the whole optimizer, not per group: a
         # skipped step skips every group, so that no layer is a step ahead of another.
         if nonfinite not in NONFINITE_RULES:
-            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE_RULES))}, got {nonfinite!r}")
+            raise ValueError(
+                f"nonfinite must be one of {', '.join(map(repr, NONFINITE_RULES))}, got {nonfinite!r}"
+            )
         super().__init__(params, defaults)
         self.nonfinite = nonfinite
         # How many steps and refreshes were skipped for non-finite values (with
@@ -532,7 +565,8 @@ class SophiaG(Optimizer):
         r"""Load a state written by `state_dict()` (or by the authors' `SophiaG`), after checking it fits."""
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) == len(self.param_groups) and all(
-            len(s["params"]) == len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+            len(s["params"]) == len(g["params"])
+            for s, g in zip(saved_groups, self.param_groups)
         ):
             missing_hessian = 0
             for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
@@ -542,7 +576,12 @@ class SophiaG(Optimizer):
                         continue
                     for name in ("exp_avg", "hessian"):
                         if name in state:
-                            _check_loaded(f"param_groups[{gi}]['params'][{pi}]", name, state[name], p)
+                            _check_loaded(
+                                f"param_groups[{gi}]['params'][{pi}]",
+                                name,
+                                state[name],
+                                p,
+                            )
                     missing_hessian += "exp_avg" in state and "hessian" not in state
             if missing_hessian:
                 warnings.warn(
@@ -575,7 +614,11 @@ class SophiaG(Optimizer):
         # falls back to foreach).
         state = self.state[p]
         if "step" not in state:
-            device = p.device if group["capturable"] or group["fused"] else torch.device("cpu")
+            device = (
+                p.device
+                if group["capturable"] or group["fused"]
+                else torch.device("cpu")
+            )
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
         for key in ("exp_avg", "hessian"):
             if key not in state:
@@ -634,7 +677,9 @@ class SophiaG(Optimizer):
     # recipe does) the gradients are already unscaled: the scaler then sets `grad_scale` to
     # `None` and passes only `found_inf`.
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None, bs: float = 5120) -> Tensor | None:
+    def step(
+        self, closure: Callable[[], Tensor] | None = None, bs: float = 5120
+    ) -> Tensor | None:
         r"""Take one Sophia step; `bs` is $B$, the number of predictions behind the Hessian estimate."""
         # 1. The checks of the arguments and of every group, as they are now: a scheduler may
         #    have written a new `lr` since the last step. Nothing has been touched yet.
@@ -718,7 +763,9 @@ class SophiaG(Optimizer):
     # it can be), which takes a minute once and writes nothing of the optimizer's; with
     # `fused=True` the kernel is built (or found in the cache) here too, so that a
     # machine that cannot build it refuses the step before any group has moved.
-    def _plan(self, groups: list[tuple[dict, list[Tensor], list[Tensor]]]) -> list[tuple]:
+    def _plan(
+        self, groups: list[tuple[dict, list[Tensor], list[Tensor]]]
+    ) -> list[tuple]:
         plan = []
         for group, params, tensors in groups:
             if not params:
@@ -739,16 +786,21 @@ class SophiaG(Optimizer):
 
     # The gradients with their place in `param_groups`, for the error message.
     def _named_grads(self) -> list[tuple[str, Tensor]]:
-        return [(f"param_groups[{gi}]['params'][{pi}]", p.grad)
-                for gi, group in enumerate(self.param_groups)
-                for pi, p in enumerate(group["params"]) if p.grad is not None]
+        return [
+            (f"param_groups[{gi}]['params'][{pi}]", p.grad)
+            for gi, group in enumerate(self.param_groups)
+            for pi, p in enumerate(group["params"])
+            if p.grad is not None
+        ]
 
     # Whether the non-finite rule looks at the inputs: not with `"unchecked"`, and not
     # while a CUDA graph is being captured (a read on the host is an error there).
     def _should_check(self) -> bool:
         if self.nonfinite == "unchecked":
             return False
-        return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        return not (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        )
 
     # ## The Hessian refresh
     #
@@ -777,7 +829,9 @@ class SophiaG(Optimizer):
         for gi, group in enumerate(self.param_groups):
             _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+            raise TypeError(
+                f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+            )
         # The two sources of $\hat h$: the gradients in `p.grad` (the authors' call, squared as
         # they are folded in) or the list the caller passes (folded in as given).
         if estimates is None:
@@ -789,7 +843,9 @@ class SophiaG(Optimizer):
             if isinstance(estimates, Iterable) and not isinstance(estimates, Tensor):
                 estimates = list(estimates)
             if scaler is not None:
-                raise ValueError("scaler= applies to the gradients in p.grad, not to estimates=: unscale them yourself")
+                raise ValueError(
+                    "scaler= applies to the gradients in p.grad, not to estimates=: unscale them yourself"
+                )
             groups = self._match_estimates(estimates)
             square = False
         plan = self._plan(groups)
@@ -811,8 +867,10 @@ class SophiaG(Optimizer):
         # `scaler.update()` sees it.
         if scaler is not None and scaler.is_enabled() and square:
             inv_scale = 1.0 / scaler.get_scale()
-            plan = [(group, params, torch._foreach_mul(list(tensors), inv_scale), impl)
-                    for group, params, tensors, impl in plan]
+            plan = [
+                (group, params, torch._foreach_mul(list(tensors), inv_scale), impl)
+                for group, params, tensors, impl in plan
+            ]
             if not _all_finite([t for _, _, tensors, _ in plan for t in tensors]):
                 self.skipped_refreshes += 1
                 return
@@ -820,12 +878,21 @@ class SophiaG(Optimizer):
         # (naming the parameter) or skip, before anything is folded in. A NaN folded into $h$
         # would stay there for good ($\beta_2 \cdot \text{NaN}$ is NaN), and every later step
         # of that coordinate would write a NaN.
-        elif self._should_check() and not _all_finite([t for _, _, tensors, _ in plan for t in tensors]):
+        elif self._should_check() and not _all_finite(
+            [t for _, _, tensors, _ in plan for t in tensors]
+        ):
             if self.nonfinite == "skip":
                 self.skipped_refreshes += 1
                 return
-            named = (self._named_grads() if square else
-                     [(f"estimates[{i}]", e) for i, e in enumerate(estimates) if e is not None])
+            named = (
+                self._named_grads()
+                if square
+                else [
+                    (f"estimates[{i}]", e)
+                    for i, e in enumerate(estimates)
+                    if e is not None
+                ]
+            )
             raise FloatingPointError(
                 f"{type(self).__name__}.update_hessian refused: "
                 f"{_describe_nonfinite(named, 'gradient' if square else 'Hessian estimate')}; h was not changed "
@@ -836,7 +903,9 @@ class SophiaG(Optimizer):
         # step counter does not move: a refresh is not a step.
         for group, params, ests, implementation in plan:
             hessians = [self._state_for(p, group)["hessian"] for p in params]
-            _hessian_function(implementation)(hessians, ests, beta2=group["betas"][1], square=square)
+            _hessian_function(implementation)(
+                hessians, ests, beta2=group["betas"][1], square=square
+            )
 
     # The estimates must line up with the parameters one to one: same count, same
     # shape, same device, real for a real parameter and complex for a complex one,
@@ -847,7 +916,9 @@ class SophiaG(Optimizer):
     # A single tensor is refused rather than iterated over (which would silently yield its
     # rows). Estimates are matched to parameters, not to gradients, so a parameter without
     # a gradient can still be refreshed.
-    def _match_estimates(self, estimates: Sequence[Tensor | None]) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
+    def _match_estimates(
+        self, estimates: Sequence[Tensor | None]
+    ) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
         if isinstance(estimates, Tensor) or not isinstance(estimates, Iterable):
             raise TypeError(
                 "estimates must be a list with one tensor (or None) per parameter, "
@@ -910,10 +981,21 @@ class SophiaG(Optimizer):
                 key: tuple = ()
                 if hasattr(s["exp_avg"], "device_mesh"):
                     mesh = s["exp_avg"].device_mesh
-                    key = (id(mesh), tuple(d for d, pl in enumerate(s["exp_avg"].placements) if pl.is_shard()))
+                    key = (
+                        id(mesh),
+                        tuple(
+                            d
+                            for d, pl in enumerate(s["exp_avg"].placements)
+                            if pl.is_shard()
+                        ),
+                    )
                     meshes[key] = mesh
                 u, n = unclipped_count_reference(
-                    [_local(s["exp_avg"])], [_local(s["hessian"])], rho=group["rho"], bs=bs, eps=group["eps"]
+                    [_local(s["exp_avg"])],
+                    [_local(s["hessian"])],
+                    rho=group["rho"],
+                    bs=bs,
+                    eps=group["eps"],
                 )
                 c = counts.setdefault(key, [0, 0])
                 c[0] += u
@@ -924,12 +1006,16 @@ class SophiaG(Optimizer):
                 mesh = meshes[key]
                 both = torch.tensor([u, n], dtype=torch.int64, device=mesh.device_type)
                 for dim in key[1]:
-                    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+                    dist.all_reduce(
+                        both, op=dist.ReduceOp.SUM, group=mesh.get_group(dim)
+                    )
                 u, n = (int(v) for v in both.tolist())
             unclipped += u
             total += n
         if total == 0:
-            raise RuntimeError("win_rate() has no optimizer state to measure: take a step first")
+            raise RuntimeError(
+                "win_rate() has no optimizer state to measure: take a step first"
+            )
         return unclipped / total
 
 
@@ -946,15 +1032,23 @@ def _check_estimate(index: int, est: Any, p: Tensor) -> None:
     if not isinstance(est, Tensor):
         raise TypeError(f"{where} must be a tensor or None, got {type(est).__name__}")
     if est.shape != p.shape:
-        raise ValueError(f"{where} has shape {tuple(est.shape)} but its parameter has shape {tuple(p.shape)}")
+        raise ValueError(
+            f"{where} has shape {tuple(est.shape)} but its parameter has shape {tuple(p.shape)}"
+        )
     if est.device != p.device:
-        raise ValueError(f"{where} is on {est.device} but its parameter is on {p.device}")
+        raise ValueError(
+            f"{where} is on {est.device} but its parameter is on {p.device}"
+        )
     if est.is_sparse:
         raise ValueError(f"{where} is sparse ({est.layout}); estimates must be dense")
     if not (est.is_floating_point() or est.is_complex()):
-        raise TypeError(f"{where} has dtype {est.dtype}; estimates must be floating point")
+        raise TypeError(
+            f"{where} has dtype {est.dtype}; estimates must be floating point"
+        )
     if est.is_complex() != p.is_complex():
-        raise TypeError(f"{where} has dtype {est.dtype} but its parameter has dtype {p.dtype}")
+        raise TypeError(
+            f"{where} has dtype {est.dtype} but its parameter has dtype {p.dtype}"
+        )
 
 
 # ## Checking a loaded state tensor
@@ -964,9 +1058,13 @@ def _check_estimate(index: int, est: Any, p: Tensor) -> None:
 # are this process's shard.
 def _check_loaded(where: str, name: str, value: Any, p: Tensor) -> None:
     if not isinstance(value, Tensor):
-        raise ValueError(f"loaded state of {where}: '{name}' must be a tensor, got {type(value).__name__}")
+        raise ValueError(
+            f"loaded state of {where}: '{name}' must be a tensor, got {type(value).__name__}"
+        )
     if not (value.is_floating_point() or value.is_complex()):
-        raise ValueError(f"loaded state of {where}: '{name}' has dtype {value.dtype}, not a floating-point type")
+        raise ValueError(
+            f"loaded state of {where}: '{name}' has dtype {value.dtype}, not a floating-point type"
+        )
     if value.shape != p.shape:
         raise ValueError(
             f"loaded state of {where}: '{name}' has shape {tuple(value.shape)} but the parameter has shape "
@@ -977,7 +1075,9 @@ def _check_loaded(where: str, name: str, value: Any, p: Tensor) -> None:
         if bool(torch.isnan(local).any()):
             raise ValueError(f"loaded state of {where}: 'hessian' holds NaN")
     elif not bool(torch.isfinite(local).all()):
-        raise ValueError(f"loaded state of {where}: '{name}' holds non-finite values (NaN or inf)")
+        raise ValueError(
+            f"loaded state of {where}: '{name}' holds non-finite values (NaN or inf)"
+        )
 
 
 class SophiaH(SophiaG):
@@ -1019,10 +1119,16 @@ class SophiaH(SophiaG):
         # `SophiaH` leaves nothing half-built. They are attributes, not group settings: they
         # describe the estimator, which runs over all groups at once. Being attributes, they are
         # not in `state_dict()`: to resume, construct the optimizer with the same arguments.
-        if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
+        if not (
+            isinstance(n_samples, int)
+            and not isinstance(n_samples, bool)
+            and n_samples >= 1
+        ):
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
         if distribution not in ("rademacher", "gaussian"):
-            raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+            raise ValueError(
+                f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}"
+            )
         super().__init__(
             params,
             lr=lr,
@@ -1039,7 +1145,9 @@ class SophiaH(SophiaG):
         self.n_samples = n_samples
         self.distribution = distribution
 
-    def step(self, closure: Callable[[], Tensor] | None = None, bs: float = 1) -> Tensor | None:
+    def step(
+        self, closure: Callable[[], Tensor] | None = None, bs: float = 1
+    ) -> Tensor | None:
         r"""Take one Sophia step; with Hutchinson's estimates $B = 1$."""
         # The same step as `SophiaG`; only the default `bs` differs, because Hutchinson's
         # $\hat h$ already estimates the paper's $h$.
@@ -1059,7 +1167,9 @@ class SophiaH(SophiaG):
         r"""Fold Hutchinson's estimate of $\operatorname{diag}\nabla^2 L$ (from `loss=`) or given `estimates` into $h$."""
         # Exactly one source of estimates: both would be ambiguous, neither is a mistake.
         if (estimates is None) == (loss is None):
-            raise ValueError("SophiaH.update_hessian needs exactly one of estimates= or loss=")
+            raise ValueError(
+                "SophiaH.update_hessian needs exactly one of estimates= or loss="
+            )
         if loss is not None:
             for gi, group in enumerate(self.param_groups):
                 _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
@@ -1067,7 +1177,11 @@ class SophiaH(SophiaG):
             # Parameters that do not require a gradient are not probed (the loss has no gradient
             # with respect to them) and get `None`, i.e. no refresh.
             params = [p for group in self.param_groups for p in group["params"]]
-            signs = [-1.0 if group["maximize"] else 1.0 for group in self.param_groups for _ in group["params"]]
+            signs = [
+                -1.0 if group["maximize"] else 1.0
+                for group in self.param_groups
+                for _ in group["params"]
+            ]
             trainable = [p for p in params if p.requires_grad]
             # Hutchinson's product $H u = \nabla_\theta \langle \nabla_\theta L, u\rangle$ is a double
             # backward, which needs gradient mode even if the caller is under `torch.no_grad()`.
@@ -1083,7 +1197,8 @@ class SophiaH(SophiaG):
                 )
             # Back to one entry per parameter, negated for the groups that maximize.
             estimates = [
-                (next(found) * sign) if p.requires_grad else None for p, sign in zip(params, signs)
+                (next(found) * sign) if p.requires_grad else None
+                for p, sign in zip(params, signs)
             ]
         # Folded in like any caller's estimates: checked, then $h \leftarrow \beta_2 h + (1 -
         # \beta_2)\hat h$ per group.

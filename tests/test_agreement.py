@@ -28,7 +28,20 @@ def quadratic(n, kind, gen, dtype=torch.float64):
     return A, b
 
 
-def run(foreach, A, b, *, shapes, dtype, groups, steps=STEPS, no_grad_every=0, seed=0, estimates=False, noise=0.1):
+def run(
+    foreach,
+    A,
+    b,
+    *,
+    shapes,
+    dtype,
+    groups,
+    steps=STEPS,
+    no_grad_every=0,
+    seed=0,
+    estimates=False,
+    noise=0.1,
+):
     r"""Minimize (or maximize) the quadratic over a parameter vector split into tensors of `shapes`.
 
     Each group is (indices of the tensors, hyperparameters). Every K steps, after the
@@ -40,8 +53,13 @@ def run(foreach, A, b, *, shapes, dtype, groups, steps=STEPS, no_grad_every=0, s
     gen = torch.Generator().manual_seed(seed)
     sizes = [torch.Size(s).numel() for s in shapes]
     theta0 = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
-    params = [t.reshape(s).to(dtype).clone().requires_grad_() for t, s in zip(theta0.split(sizes), shapes)]
-    param_groups = [dict(params=[params[i] for i in idx], **hyper) for idx, hyper in groups]
+    params = [
+        t.reshape(s).to(dtype).clone().requires_grad_()
+        for t, s in zip(theta0.split(sizes), shapes)
+    ]
+    param_groups = [
+        dict(params=[params[i] for i in idx], **hyper) for idx, hyper in groups
+    ]
     opt = SophiaG(param_groups, foreach=foreach)
     diag = torch.diagonal(A)
     noise_gen = torch.Generator().manual_seed(seed + 1)
@@ -58,12 +76,22 @@ def run(foreach, A, b, *, shapes, dtype, groups, steps=STEPS, no_grad_every=0, s
         opt.step(bs=16)
         if t % K == K - 1:
             if estimates:
-                est = [(d + noise * torch.randn(d.shape, generator=noise_gen, dtype=d.dtype)).reshape(s).to(dtype)
-                       for d, s in zip(diag.split(sizes), shapes)]
+                est = [
+                    (
+                        d
+                        + noise
+                        * torch.randn(d.shape, generator=noise_gen, dtype=d.dtype)
+                    )
+                    .reshape(s)
+                    .to(dtype)
+                    for d, s in zip(diag.split(sizes), shapes)
+                ]
                 opt.update_hessian(est)
             else:
                 for p, g in zip(params, grads_at()):
-                    p.grad = g + noise * torch.randn(g.shape, generator=noise_gen, dtype=torch.float64).to(dtype)
+                    p.grad = g + noise * torch.randn(
+                        g.shape, generator=noise_gen, dtype=torch.float64
+                    ).to(dtype)
                 opt.update_hessian()
     return params, opt
 
@@ -100,7 +128,9 @@ def test_reference_and_foreach_agree_bitwise_on_quadratics(kind, dtype, estimate
     n = sum(torch.Size(s).numel() for s in SHAPES)
     A, b = quadratic(n, kind, torch.Generator().manual_seed(3))
     groups = [(range(len(SHAPES)), HYPER)]
-    ref = run(False, A, b, shapes=SHAPES, dtype=dtype, groups=groups, estimates=estimates)
+    ref = run(
+        False, A, b, shapes=SHAPES, dtype=dtype, groups=groups, estimates=estimates
+    )
     fe = run(True, A, b, shapes=SHAPES, dtype=dtype, groups=groups, estimates=estimates)
     assert_agree(ref, fe, exact=True)
     # The run actually moved: not two copies of the starting point.
@@ -120,16 +150,24 @@ def test_agree_with_weight_decay_maximize_groups_and_missing_grads():
         ([4], dict(lr=5e-3, betas=(0.8, 0.9), rho=1.0, weight_decay=0.2)),
     ]
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        ref = run(False, A, b, shapes=SHAPES, dtype=dtype, groups=groups, no_grad_every=3)
+        ref = run(
+            False, A, b, shapes=SHAPES, dtype=dtype, groups=groups, no_grad_every=3
+        )
         fe = run(True, A, b, shapes=SHAPES, dtype=dtype, groups=groups, no_grad_every=3)
         assert_agree(ref, fe, exact=True)
 
     maximize = [(idx, dict(hyper, maximize=True)) for idx, hyper in groups]
     # Without noise in the refresh, since (-g + n)^2 differs from (g + n)^2.
-    ref = run(False, -A, -b, shapes=SHAPES, dtype=torch.float32, groups=maximize, noise=0.0)
-    fe = run(True, -A, -b, shapes=SHAPES, dtype=torch.float32, groups=maximize, noise=0.0)
+    ref = run(
+        False, -A, -b, shapes=SHAPES, dtype=torch.float32, groups=maximize, noise=0.0
+    )
+    fe = run(
+        True, -A, -b, shapes=SHAPES, dtype=torch.float32, groups=maximize, noise=0.0
+    )
     assert_agree(ref, fe, exact=True)
-    minimize = run(False, A, b, shapes=SHAPES, dtype=torch.float32, groups=groups, noise=0.0)
+    minimize = run(
+        False, A, b, shapes=SHAPES, dtype=torch.float32, groups=groups, noise=0.0
+    )
     for x, y in zip(ref[0], minimize[0]):
         assert torch.equal(x, y)
 
@@ -164,7 +202,11 @@ def test_mixed_devices_and_dtypes_in_one_group():
         params = []
         for device in devices:
             for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-                params.append(torch.randn(6, generator=gen).to(device=device, dtype=dtype).requires_grad_())
+                params.append(
+                    torch.randn(6, generator=gen)
+                    .to(device=device, dtype=dtype)
+                    .requires_grad_()
+                )
         opt = SophiaG(params, lr=1e-2, rho=0.1, foreach=foreach)
         for t in range(30):
             for p in params:
@@ -207,8 +249,12 @@ def test_complex_parameters_are_pairs_of_reals():
                 (r - torch.view_as_real(target)).pow(2).sum().backward()
                 opt_z.update_hessian()
                 opt_r.update_hessian()
-        torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(torch.view_as_real(opt_z.state[z]["hessian"]), opt_r.state[r]["hessian"])
+        torch.testing.assert_close(
+            torch.view_as_real(z.detach()), r.detach(), rtol=1e-6, atol=1e-6
+        )
+        torch.testing.assert_close(
+            torch.view_as_real(opt_z.state[z]["hessian"]), opt_r.state[r]["hessian"]
+        )
         assert (torch.view_as_real(opt_z.state[z]["hessian"]) >= 0).all()
 
 
@@ -217,7 +263,9 @@ def test_default_dispatch_follows_adamw(monkeypatch):
     import sophia.optimizer as mod
 
     calls = []
-    monkeypatch.setattr(mod, "sophiag_reference", lambda *a, **k: calls.append("reference"))
+    monkeypatch.setattr(
+        mod, "sophiag_reference", lambda *a, **k: calls.append("reference")
+    )
     monkeypatch.setattr(mod, "sophiag_foreach", lambda *a, **k: calls.append("foreach"))
     p = torch.zeros(2, requires_grad=True)
     p.grad = torch.ones(2)

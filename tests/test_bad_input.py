@@ -49,16 +49,32 @@ def trained(request):
         (dict(lr="0.1"), TypeError, r"lr must be a real number, got '0.1'"),
         (dict(rho=0.0), ValueError, r"rho must be a finite number > 0.0, got 0.0"),
         (dict(rho=-0.04), ValueError, r"rho .* got -0.04"),
-        (dict(betas=(1.0, 0.99)), ValueError, r"betas\[0\] must be in \[0, 1\), got 1.0"),
+        (
+            dict(betas=(1.0, 0.99)),
+            ValueError,
+            r"betas\[0\] must be in \[0, 1\), got 1.0",
+        ),
         (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\] .* got -0.1"),
-        (dict(betas=(0.9, 1.5)), ValueError, r"betas\[1\] must be in \[0, 1\), got 1.5"),
+        (
+            dict(betas=(0.9, 1.5)),
+            ValueError,
+            r"betas\[1\] must be in \[0, 1\), got 1.5",
+        ),
         (dict(betas=(0.9,)), ValueError, r"betas must be a pair"),
         (dict(weight_decay=-0.1), ValueError, r"weight_decay .* got -0.1"),
         (dict(eps=0.0), ValueError, r"eps .* got 0.0"),
         (dict(foreach=True, fused=True), ValueError, r"foreach=True and fused=True"),
         (dict(lr=torch.tensor(0.1)), TypeError, r"lr is a tensor .* needs fused=True"),
-        (dict(lr=torch.tensor([0.1, 0.2]), fused=True), ValueError, r"lr as a tensor must hold one"),
-        (dict(lr=torch.tensor(-0.1), fused=True), ValueError, r"lr must be a finite number >= 0.0, got -0.1"),
+        (
+            dict(lr=torch.tensor([0.1, 0.2]), fused=True),
+            ValueError,
+            r"lr as a tensor must hold one",
+        ),
+        (
+            dict(lr=torch.tensor(-0.1), fused=True),
+            ValueError,
+            r"lr must be a finite number >= 0.0, got -0.1",
+        ),
         (dict(foreach="yes"), TypeError, r"foreach must be None or a bool, got 'yes'"),
         (dict(maximize=1), TypeError, r"maximize must be a bool, got 1"),
     ],
@@ -99,8 +115,17 @@ def test_step_refuses_a_group_edited_into_a_bad_state(trained, key, value, exc, 
     assert_unchanged(before, params, opt)
 
 
-@pytest.mark.parametrize("bs, exc", [(0, ValueError), (-5, ValueError), (math.inf, ValueError), (math.nan, ValueError),
-                                     ("5120", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "bs, exc",
+    [
+        (0, ValueError),
+        (-5, ValueError),
+        (math.inf, ValueError),
+        (math.nan, ValueError),
+        ("5120", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_step_refuses_bad_bs(trained, bs, exc):
     params, opt = trained
     before = snapshot(params, opt)
@@ -117,7 +142,9 @@ def test_sparse_gradient_refuses_the_whole_step():
         dense.grad = torch.ones(4)
         emb(torch.tensor([1, 2])).sum().backward()
         before = snapshot([dense, emb.weight], opt)
-        with pytest.raises(RuntimeError, match=r"sparse gradients: param_groups\[0\]\['params'\]\[1\]"):
+        with pytest.raises(
+            RuntimeError, match=r"sparse gradients: param_groups\[0\]\['params'\]\[1\]"
+        ):
             opt.step()
         assert_unchanged(before, [dense, emb.weight], opt)
         with pytest.raises(RuntimeError, match=r"sparse"):
@@ -141,16 +168,47 @@ def test_update_hessian_before_any_step_works():
 @pytest.mark.parametrize(
     "make, exc, match",
     [
-        (lambda ps: [torch.ones(3, 4)], ValueError, r"estimates has 1 entries but the optimizer has 2 parameters"),
-        (lambda ps: [torch.ones(3, 4), torch.ones(4)], ValueError,
-         r"estimates\[1\] has shape \(4,\) but its parameter has shape \(5,\)"),
-        (lambda ps: [torch.ones(4, 3), None], ValueError, r"estimates\[0\] has shape \(4, 3\)"),
-        (lambda ps: [torch.ones(3, 4), "h"], TypeError, r"estimates\[1\] must be a tensor or None, got str"),
-        (lambda ps: [torch.ones(3, 4, dtype=torch.int64), None], TypeError, r"estimates\[0\] has dtype torch.int64"),
+        (
+            lambda ps: [torch.ones(3, 4)],
+            ValueError,
+            r"estimates has 1 entries but the optimizer has 2 parameters",
+        ),
+        (
+            lambda ps: [torch.ones(3, 4), torch.ones(4)],
+            ValueError,
+            r"estimates\[1\] has shape \(4,\) but its parameter has shape \(5,\)",
+        ),
+        (
+            lambda ps: [torch.ones(4, 3), None],
+            ValueError,
+            r"estimates\[0\] has shape \(4, 3\)",
+        ),
+        (
+            lambda ps: [torch.ones(3, 4), "h"],
+            TypeError,
+            r"estimates\[1\] must be a tensor or None, got str",
+        ),
+        (
+            lambda ps: [torch.ones(3, 4, dtype=torch.int64), None],
+            TypeError,
+            r"estimates\[0\] has dtype torch.int64",
+        ),
         (lambda ps: torch.ones(3, 4), TypeError, r"estimates must be a list"),
-        (lambda ps: [torch.ones(3, 4), torch.ones(5, dtype=torch.complex64)], TypeError, r"estimates\[1\] has dtype"),
-        (lambda ps: [torch.ones(3, 4).to_sparse(), None], ValueError, r"estimates\[0\] is sparse"),
-        (lambda ps: [torch.ones(3, 4, device="meta"), None], ValueError, r"estimates\[0\] is on meta"),
+        (
+            lambda ps: [torch.ones(3, 4), torch.ones(5, dtype=torch.complex64)],
+            TypeError,
+            r"estimates\[1\] has dtype",
+        ),
+        (
+            lambda ps: [torch.ones(3, 4).to_sparse(), None],
+            ValueError,
+            r"estimates\[0\] is sparse",
+        ),
+        (
+            lambda ps: [torch.ones(3, 4, device="meta"), None],
+            ValueError,
+            r"estimates\[0\] is on meta",
+        ),
     ],
 )
 def test_update_hessian_rejects_mismatched_estimates(trained, make, exc, match):
@@ -183,7 +241,10 @@ def test_sophiah_rejects_bad_configuration():
     p = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(ValueError, match=r"n_samples must be an int >= 1, got 0"):
         SophiaH(p, n_samples=0)
-    with pytest.raises(ValueError, match=r"distribution must be 'rademacher' or 'gaussian', got 'normal'"):
+    with pytest.raises(
+        ValueError,
+        match=r"distribution must be 'rademacher' or 'gaussian', got 'normal'",
+    ):
         SophiaH(p, distribution="normal")
     opt = SophiaH(p)
     with pytest.raises(ValueError, match=r"exactly one of estimates= or loss="):

@@ -11,10 +11,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from sophia.benchmark import BASELINE, FUSED_ADAMW, FUSED_SOPHIA, contenders, main, transformer_like_shapes
+from sophia.experiments.benchmark import (
+    BASELINE,
+    FUSED_ADAMW,
+    FUSED_SOPHIA,
+    contenders,
+    main,
+    transformer_like_shapes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--params", "20000", "--tensors", "10", "--steps", "2", "--repeats", "2", "--warmup", "1"]
+TINY = [
+    "--params",
+    "20000",
+    "--tensors",
+    "10",
+    "--steps",
+    "2",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+]
 
 
 # The shape generator promises exact counts: `n_tensors` tensors holding `n_params`
@@ -22,7 +40,17 @@ TINY = ["--params", "20000", "--tensors", "10", "--steps", "2", "--repeats", "2"
 # vectors when the pair is too small for transformer layers.
 @pytest.mark.parametrize(
     "n_params, n_tensors",
-    [(1, 1), (7, 7), (10, 3), (50, 2), (100, 3), (1000, 14), (20_000, 10), (12_345, 100), (10_000_000, 100)],
+    [
+        (1, 1),
+        (7, 7),
+        (10, 3),
+        (50, 2),
+        (100, 3),
+        (1000, 14),
+        (20_000, 10),
+        (12_345, 100),
+        (10_000_000, 100),
+    ],
 )
 def test_shapes_are_exact(n_params, n_tensors):
     shapes = transformer_like_shapes(n_params, n_tensors)

@@ -29,15 +29,23 @@ import torch
 import torch.nn.functional as F
 
 from sophia import SophiaG, SophiaH, gnb_loss
-from sophia.model import GPTConfig
-from sophia.train import TrainConfig, checkpoint_path, load_checkpoint, save_checkpoint, train
+from sophia.experiments.model import GPTConfig
+from sophia.experiments.train import (
+    TrainConfig,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 HYPER = dict(lr=0.02, betas=(0.9, 0.95), rho=0.05, weight_decay=0.1)
 
 
 def make_model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4)
+    )
 
 
 def batch(t):
@@ -70,7 +78,10 @@ def test_optimizer_state_and_label_generator_resume_a_run_exactly():
 
     # The checkpoint, through bytes, as it would go through a file.
     buffer = io.BytesIO()
-    torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), labels=labels.get_state()), buffer)
+    torch.save(
+        dict(model=model.state_dict(), opt=opt.state_dict(), labels=labels.get_state()),
+        buffer,
+    )
     train_steps(model, opt, labels, 10, 20)
 
     buffer.seek(0)
@@ -99,7 +110,10 @@ def test_without_the_label_generator_the_run_differs():
     other_opt.load_state_dict(opt.state_dict())
     train_steps(model, opt, labels, 10, 20)
     train_steps(other_model, other_opt, torch.Generator().manual_seed(4), 10, 20)
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), other_model.parameters()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(model.parameters(), other_model.parameters())
+    )
 
 
 def trained_state():
@@ -116,8 +130,11 @@ def test_a_state_of_the_wrong_shape_is_refused_and_nothing_loads(key):
     sd["state"][2][key] = torch.zeros(3, 3)
     fresh_model = make_model()
     fresh = SophiaG(fresh_model.parameters(), **HYPER)
-    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['params'\]\[2\]: '{key}' has shape \(3, 3\) "
-                                         r"but the parameter has shape \(4, 12\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"param_groups\[0\]\['params'\]\[2\]: '{key}' has shape \(3, 3\) "
+        r"but the parameter has shape \(4, 12\)",
+    ):
         fresh.load_state_dict(sd)
     assert not fresh.state and fresh.param_groups[0]["lr"] == HYPER["lr"]
 
@@ -132,7 +149,9 @@ def test_a_nonfinite_state_is_refused():
     sd = opt.state_dict()
     sd["state"][1]["exp_avg"] = sd["state"][1]["exp_avg"].clone()
     sd["state"][1]["exp_avg"][0] = float("inf")
-    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: 'exp_avg' holds non-finite values"):
+    with pytest.raises(
+        ValueError, match=r"\['params'\]\[1\]: 'exp_avg' holds non-finite values"
+    ):
         SophiaG(make_model().parameters(), **HYPER).load_state_dict(sd)
 
 
@@ -184,7 +203,9 @@ def test_another_optimizers_state_loads_with_h_zero_and_a_warning():
     for group in sd["param_groups"]:
         group.update(rho=0.05, betas=(0.9, 0.95), weight_decay=0.0, lr=0.01)
     opt = SophiaG(model.parameters(), **HYPER)
-    with pytest.warns(UserWarning, match=r"4 parameter\(s\) has no 'hessian'.*h starts at zero"):
+    with pytest.warns(
+        UserWarning, match=r"4 parameter\(s\) has no 'hessian'.*h starts at zero"
+    ):
         opt.load_state_dict(sd)
     before = [p.detach().clone() for p in model.parameters()]
     opt.step(bs=16)
@@ -207,8 +228,17 @@ TINY_MODEL = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 
 
 def tiny(tmp_path, **changes):
-    fields = dict(model=TINY_MODEL, batch_size=4, steps=12, hess_interval=3, eval_interval=4, eval_iters=1,
-                  verbose=False, lr=1e-2, out=str(tmp_path))
+    fields = dict(
+        model=TINY_MODEL,
+        batch_size=4,
+        steps=12,
+        hess_interval=3,
+        eval_interval=4,
+        eval_iters=1,
+        verbose=False,
+        lr=1e-2,
+        out=str(tmp_path),
+    )
     return TrainConfig(**{**fields, **changes})
 
 
@@ -226,8 +256,15 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk)
     model = torch.nn.Linear(2, 2)
     with pytest.raises(OSError, match="No space"):
-        save_checkpoint(path, step=4, config=config, model=model, optimizer=SophiaG(model.parameters()),
-                        generators={}, result=result)
+        save_checkpoint(
+            path,
+            step=4,
+            config=config,
+            model=model,
+            optimizer=SophiaG(model.parameters()),
+            generators={},
+            result=result,
+        )
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
@@ -236,9 +273,15 @@ def test_a_finished_run_resumes_to_its_result_and_another_config_is_refused(tmp_
     config = tiny(tmp_path, checkpoint_every=5, optimizer="sophiah")
     first = train(config)
     again = train(dataclasses.replace(config, resume=True))
-    assert again.train_losses == first.train_losses and again.val_losses == first.val_losses
+    assert (
+        again.train_losses == first.train_losses
+        and again.val_losses == first.val_losses
+    )
     assert load_checkpoint(checkpoint_path(config), config)["step"] == 12
-    with pytest.raises(ValueError, match=r"another configuration \(lr: 0.01 in the checkpoint, 0.02 now\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"another configuration \(lr: 0.01 in the checkpoint, 0.02 now\)",
+    ):
         train(dataclasses.replace(config, resume=True, lr=2e-2))
     with pytest.raises(ValueError, match=r"need an output folder"):
         TrainConfig(checkpoint_every=3)
@@ -250,9 +293,34 @@ def test_a_finished_run_resumes_to_its_result_and_another_config_is_refused(tmp_
 # (whatever it is doing at that moment, a write included), then resumed; and the same
 # command never interrupted. The model is tiny and the run long enough that the kill
 # lands in the middle.
-CLI = [sys.executable, "-m", "sophia.train", "--optimizer", "sophiag", "--steps", "150", "--hess-interval", "3",
-       "--checkpoint-every", "7", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-       "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "25", "--quiet"]
+CLI = [
+    sys.executable,
+    "-m",
+    "sophia.train",
+    "--optimizer",
+    "sophiag",
+    "--steps",
+    "150",
+    "--hess-interval",
+    "3",
+    "--checkpoint-every",
+    "7",
+    "--block-size",
+    "16",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "1",
+    "--eval-interval",
+    "25",
+    "--quiet",
+]
 
 
 @pytest.mark.slow
@@ -261,8 +329,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     ckpt = killed / "sophiag-seed0.ckpt.pt"
-    proc = subprocess.Popen(CLI + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        CLI + ["--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -274,14 +346,27 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert 0 < step_at_kill < 150, step_at_kill
     assert not (killed / "sophiag-seed0.json").exists()
 
-    resumed = subprocess.run(CLI + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        CLI + ["--out", str(killed), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
-    uninterrupted = subprocess.run(CLI + ["--out", str(whole)], env=env, capture_output=True, text=True)
+    uninterrupted = subprocess.run(
+        CLI + ["--out", str(whole)], env=env, capture_output=True, text=True
+    )
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
     a = json.loads((killed / "sophiag-seed0.json").read_text())
     b = json.loads((whole / "sophiag-seed0.json").read_text())
-    for key in ("train_losses", "val_losses", "eval_steps", "refresh_steps", "win_rates"):
+    for key in (
+        "train_losses",
+        "val_losses",
+        "eval_steps",
+        "refresh_steps",
+        "win_rates",
+    ):
         assert a[key] == b[key], key
     final_a = torch.load(ckpt, weights_only=True)
     final_b = torch.load(whole / "sophiag-seed0.ckpt.pt", weights_only=True)

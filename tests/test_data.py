@@ -7,8 +7,8 @@ import urllib.error
 import pytest
 import torch
 
-import sophia.data as data
-from sophia.data import Corpus, DataUnavailableError, load_corpus
+import sophia.experiments.data as data
+from sophia.experiments.data import Corpus, DataUnavailableError, load_corpus
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,11 @@ def stdlib():
 
 def test_shipped_corpus_loads_offline(stdlib, monkeypatch):
     # Any attempt to reach the network fails the test.
-    monkeypatch.setattr(data, "_fetch", lambda *a, **k: pytest.fail("the offline corpus must not download"))
+    monkeypatch.setattr(
+        data,
+        "_fetch",
+        lambda *a, **k: pytest.fail("the offline corpus must not download"),
+    )
     corpus = load_corpus("stdlib")
     assert corpus.name == "stdlib" and corpus.vocab_size == 256
     assert len(corpus) == len(gzip.decompress(data.STDLIB_FILE.read_bytes())) > 500_000
@@ -31,14 +35,17 @@ def test_split_is_first_ninety_percent_then_the_rest(stdlib):
     n_train = int(len(raw) * data.TRAIN_FRACTION)
     assert data.TRAIN_FRACTION == 0.9
     assert len(stdlib.train) == n_train and len(stdlib.val) == len(raw) - n_train
-    assert bytes(stdlib.train[-5:].tolist()) == raw[n_train - 5:n_train]
-    assert bytes(stdlib.val[:5].tolist()) == raw[n_train:n_train + 5]
+    assert bytes(stdlib.train[-5:].tolist()) == raw[n_train - 5 : n_train]
+    assert bytes(stdlib.val[:5].tolist()) == raw[n_train : n_train + 5]
 
 
 def test_shipped_files_document_their_licence():
     readme = (data.DATA_DIR / "README.md").read_text()
     assert "Python Software Foundation License" in readme and "3.11.7" in readme
-    assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in (data.DATA_DIR / "PYTHON-LICENSE.txt").read_text()
+    assert (
+        "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2"
+        in (data.DATA_DIR / "PYTHON-LICENSE.txt").read_text()
+    )
 
 
 def test_damaged_snapshot_is_refused(tmp_path, monkeypatch):
@@ -62,17 +69,30 @@ def test_unreadable_snapshot_is_a_clear_error(tmp_path, monkeypatch, damage):
     bad = tmp_path / "corpus.txt.gz"
     bad.write_bytes(bytes(raw))
     monkeypatch.setattr(data, "STDLIB_FILE", bad)
-    with pytest.raises(DataUnavailableError, match="cannot read the shipped corpus|SHA-256"):
+    with pytest.raises(
+        DataUnavailableError, match="cannot read the shipped corpus|SHA-256"
+    ):
         load_corpus("stdlib")
 
 
 def test_builder_extracts_docstrings_without_importing(tmp_path):
-    (tmp_path / "abc.py").write_text('"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n')
+    (tmp_path / "abc.py").write_text(
+        '"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n'
+    )
     (tmp_path / "collections").mkdir()
-    (tmp_path / "collections" / "__init__.py").write_text('raise SystemExit("never imported")\n"""not a docstring"""\n')
+    (tmp_path / "collections" / "__init__.py").write_text(
+        'raise SystemExit("never imported")\n"""not a docstring"""\n'
+    )
     text, missing = data.build_stdlib_corpus(tmp_path)
-    assert text.decode() == "abc\n---\nModule doc.\n\nabc.A\n-----\nClass doc.\n\nabc.A.f\n-------\nMethod doc.\n\n"
-    assert "argparse" in missing and "abc" not in missing and "collections/__init__" not in missing
+    assert (
+        text.decode()
+        == "abc\n---\nModule doc.\n\nabc.A\n-----\nClass doc.\n\nabc.A.f\n-------\nMethod doc.\n\n"
+    )
+    assert (
+        "argparse" in missing
+        and "abc" not in missing
+        and "collections/__init__" not in missing
+    )
 
 
 def test_builder_on_this_python_is_deterministic(tmp_path):
@@ -113,8 +133,11 @@ def test_batches_come_from_the_right_split():
 def test_corpus_smaller_than_one_sequence_is_refused():
     corpus = Corpus.from_bytes("tiny", b"x" * 300)
     corpus.check_fits(29)
-    with pytest.raises(ValueError, match=r"corpus 'tiny' is too small: its val split has 30 tokens, fewer than "
-                                         r"block_size \+ 1 = 31"):
+    with pytest.raises(
+        ValueError,
+        match=r"corpus 'tiny' is too small: its val split has 30 tokens, fewer than "
+        r"block_size \+ 1 = 31",
+    ):
         corpus.batch("train", 2, 30)
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         corpus.check_fits(0)
@@ -130,7 +153,10 @@ def test_a_text_file_is_a_corpus(tmp_path):
 
 
 def test_unknown_corpus_name_is_refused():
-    with pytest.raises(DataUnavailableError, match=r"unknown corpus 'nope': expected one of stdlib, shakespeare"):
+    with pytest.raises(
+        DataUnavailableError,
+        match=r"unknown corpus 'nope': expected one of stdlib, shakespeare",
+    ):
         load_corpus("nope")
 
 
@@ -156,14 +182,21 @@ def test_shakespeare_downloads_once_then_uses_the_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "failure",
-    [urllib.error.URLError("no route to host"), TimeoutError("timed out"), OSError("network is unreachable")],
+    [
+        urllib.error.URLError("no route to host"),
+        TimeoutError("timed out"),
+        OSError("network is unreachable"),
+    ],
 )
 def test_shakespeare_download_failure_says_what_to_do(tmp_path, monkeypatch, failure):
     def failing_fetch(url, timeout):
         raise failure
 
     monkeypatch.setattr(data, "_fetch", failing_fetch)
-    with pytest.raises(DataUnavailableError, match=r"could not download Tiny Shakespeare .* use the offline corpus"):
+    with pytest.raises(
+        DataUnavailableError,
+        match=r"could not download Tiny Shakespeare .* use the offline corpus",
+    ):
         load_corpus("shakespeare", cache_dir=tmp_path)
     assert not (tmp_path / data.SHAKESPEARE_FILE).exists()
 

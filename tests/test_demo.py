@@ -3,7 +3,7 @@ r"""`python -m sophia`, the quick start's main job: it runs, and it would notice
 import subprocess
 import sys
 
-import sophia.demo as demo
+import sophia.experiments.demo as demo
 
 
 def test_demo_reports_agreement(capsys):
@@ -30,7 +30,9 @@ def test_demo_fails_when_an_implementation_drifts(monkeypatch, capsys):
 
 def test_demo_loss_goes_down():
     problem = demo.Problem(steps=100)
-    _, losses, opt = demo.train(problem, lambda ps: demo.SophiaG(ps, lr=0.05, rho=0.05, weight_decay=0.01))
+    _, losses, opt = demo.train(
+        problem, lambda ps: demo.SophiaG(ps, lr=0.05, rho=0.05, weight_decay=0.01)
+    )
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert 0.0 <= opt.win_rate() <= 1.0
 
@@ -42,13 +44,21 @@ def test_demo_says_why_fused_did_not_run(monkeypatch, capsys):
 
 
 def test_module_entry_point_and_bad_arguments():
-    ok = subprocess.run([sys.executable, "-m", "sophia", "--steps", "12"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "sophia", "--steps", "12"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "sophia", "--steps", "0"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "sophia", "--steps", "0"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "--steps must be >= 1, got 0" in bad.stderr
 
 
 def test_a_nan_counts_as_the_worst_disagreement():
     import torch
 
-    assert demo.max_relative_difference([torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, 2.0])]) == float("inf")
+    assert demo.max_relative_difference(
+        [torch.tensor([1.0, float("nan")])], [torch.tensor([1.0, 2.0])]
+    ) == float("inf")

@@ -44,14 +44,22 @@ GLOBAL_BATCH = WORLD * LOCAL_BATCH
 # A $\rho$ large enough that about a fifth of the coordinates take unclipped (Newton) steps,
 # where a difference in $h$ would show, rather than sign steps, where it would not.
 HYPER = dict(lr=0.05, betas=(0.9, 0.95), rho=2.0, weight_decay=0.1)
-IMPLS = {"reference": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+IMPLS = {
+    "reference": dict(foreach=False),
+    "foreach": dict(foreach=True),
+    "fused": dict(fused=True),
+}
 
 
 # A small classifier: every row of a batch is one prediction, so $B$ is the number of rows.
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)
+        torch.nn.Linear(8, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 5),
     ).double()
 
 
@@ -59,8 +67,10 @@ def make_model() -> torch.nn.Module:
 # is another draw.
 def global_batch(t: int, refresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * t + (500 if refresh else 0))
-    return (torch.randn(GLOBAL_BATCH, 8, generator=gen, dtype=torch.float64),
-            torch.randint(0, 5, (GLOBAL_BATCH,), generator=gen))
+    return (
+        torch.randn(GLOBAL_BATCH, 8, generator=gen, dtype=torch.float64),
+        torch.randint(0, 5, (GLOBAL_BATCH,), generator=gen),
+    )
 
 
 def label_generator(t: int, rank: int) -> torch.Generator:
@@ -88,7 +98,9 @@ def train_distributed(model, opt, rank, nan_at=None):
         opt.zero_grad(set_to_none=True)
         if t % K == K - 1:
             xh, _ = global_batch(t, refresh=True)
-            loss, b_local = gnb_loss(model(xh[lo:hi]), generator=label_generator(t, rank))
+            loss, b_local = gnb_loss(
+                model(xh[lo:hi]), generator=label_generator(t, rank)
+            )
             assert b_local == LOCAL_BATCH
             loss.backward()
             opt.update_hessian()
@@ -101,7 +113,9 @@ def _worker(rank: int, port: int, out: str, configs: list[tuple[str, str]]) -> N
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
         for engine, impl in configs:
             model = make_model()
@@ -114,22 +128,34 @@ def _worker(rank: int, port: int, out: str, configs: list[tuple[str, str]]) -> N
                         fully_shard(layer, mesh=mesh)
                 wrapped = fully_shard(model, mesh=mesh)
             nan_at = 3 if impl.endswith("+nan") else None
-            opt = SophiaG(wrapped.parameters(), **HYPER, **IMPLS[impl.split("+")[0]],
-                          nonfinite="skip" if nan_at is not None else "raise")
+            opt = SophiaG(
+                wrapped.parameters(),
+                **HYPER,
+                **IMPLS[impl.split("+")[0]],
+                nonfinite="skip" if nan_at is not None else "raise",
+            )
             train_distributed(wrapped, opt, rank, nan_at=nan_at)
             # The full parameters (FSDP gathers its shards), and the state's types.
-            params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
-                      for p in wrapped.parameters()]
+            params = [
+                p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+                for p in wrapped.parameters()
+            ]
             state = opt.state[next(iter(wrapped.parameters()))]
-            record = dict(params=params, skipped=opt.skipped_steps, win_rate=opt.win_rate(),
-                          state_types=sorted({type(v).__name__ for v in state.values()}))
+            record = dict(
+                params=params,
+                skipped=opt.skipped_steps,
+                win_rate=opt.win_rate(),
+                state_types=sorted({type(v).__name__ for v in state.values()}),
+            )
             torch.save(record, Path(out) / f"{engine}-{impl}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 # ## The single-process run on the concatenated batch
-def train_single(impl: str, *, nan_at=None, bs=GLOBAL_BATCH) -> tuple[list[torch.Tensor], SophiaG]:
+def train_single(
+    impl: str, *, nan_at=None, bs=GLOBAL_BATCH
+) -> tuple[list[torch.Tensor], SophiaG]:
     model = make_model()
     opt = SophiaG(model.parameters(), **HYPER, **IMPLS[impl])
     for t in range(STEPS):
@@ -141,8 +167,13 @@ def train_single(impl: str, *, nan_at=None, bs=GLOBAL_BATCH) -> tuple[list[torch
         if t % K == K - 1:
             xh, _ = global_batch(t, refresh=True)
             logits = model(xh)
-            halves = [gnb_loss(logits[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH], generator=label_generator(t, r))[0]
-                      for r in range(WORLD)]
+            halves = [
+                gnb_loss(
+                    logits[r * LOCAL_BATCH : (r + 1) * LOCAL_BATCH],
+                    generator=label_generator(t, r),
+                )[0]
+                for r in range(WORLD)
+            ]
             (sum(halves) / WORLD).backward()
             opt.update_hessian()
             opt.zero_grad(set_to_none=True)
@@ -156,7 +187,12 @@ def _free_port() -> int:
 
 
 FUSED = fused_available("cpu")
-CONFIGS = [(engine, impl) for engine in ("ddp", "fsdp") for impl in IMPLS if impl != "fused" or FUSED]
+CONFIGS = [
+    (engine, impl)
+    for engine in ("ddp", "fsdp")
+    for impl in IMPLS
+    if impl != "fused" or FUSED
+]
 CONFIGS += [("fsdp", "reference+nan"), ("ddp", "reference+nan")]
 
 
@@ -176,20 +212,33 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
     for attempt in range(1, LAUNCH_ATTEMPTS + 1):
         try:
-            mp.start_processes(_worker, args=(_free_port(), str(out), CONFIGS), nprocs=WORLD, join=True,
-                               start_method="spawn")
+            mp.start_processes(
+                _worker,
+                args=(_free_port(), str(out), CONFIGS),
+                nprocs=WORLD,
+                join=True,
+                start_method="spawn",
+            )
             break
         except mp.ProcessExitedException as crash:
             if crash.signal_name is None or attempt == LAUNCH_ATTEMPTS:
                 raise
-            print(f"launch {attempt} of {LAUNCH_ATTEMPTS}: {crash}; launching again", file=sys.stderr)
-    return {(engine, impl, rank): torch.load(out / f"{engine}-{impl}-rank{rank}.pt")
-            for engine, impl in CONFIGS for rank in range(WORLD)}
+            print(
+                f"launch {attempt} of {LAUNCH_ATTEMPTS}: {crash}; launching again",
+                file=sys.stderr,
+            )
+    return {
+        (engine, impl, rank): torch.load(out / f"{engine}-{impl}-rank{rank}.pt")
+        for engine, impl in CONFIGS
+        for rank in range(WORLD)
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, impl", [c for c in CONFIGS if "+" not in c[1]])
-def test_distributed_training_equals_one_process_on_the_concatenated_batch(runs, engine, impl):
+def test_distributed_training_equals_one_process_on_the_concatenated_batch(
+    runs, engine, impl
+):
     expected, single_opt = train_single(impl)
     for rank in range(WORLD):
         record = runs[(engine, impl, rank)]

@@ -36,9 +36,18 @@ pytestmark = pytest.mark.slow
 
 def _require_browser():
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    require(not missing, f"the browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)")
-    require(importlib.util.find_spec("selenium") is not None, "the browser test needs selenium (pip install -e '.[dev]')")
-    require(shutil.which("npm") is not None, "building the site needs npm, which installs KaTeX (apt-get install npm)")
+    require(
+        not missing,
+        f"the browser test needs {', '.join(missing)} (apt-get install chromium chromium-driver)",
+    )
+    require(
+        importlib.util.find_spec("selenium") is not None,
+        "the browser test needs selenium (pip install -e '.[dev]')",
+    )
+    require(
+        shutil.which("npm") is not None,
+        "building the site needs npm, which installs KaTeX (apt-get install npm)",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +55,23 @@ def built_site():
     _require_browser()
     out = pathlib.Path(tempfile.mkdtemp(prefix="sophia-site-"))
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--quiet",
+            "--site-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
-    assert result.returncode == 0, f"mkdocs build failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"mkdocs build failed:\n{result.stdout}\n{result.stderr}"
+    )
     yield out
     shutil.rmtree(out, ignore_errors=True)
 
@@ -64,9 +86,18 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     # Chromium, run as root on a closed network, hangs without these.
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"]:
+    for flag in [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+    ]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -83,11 +114,19 @@ def _open(driver, page: pathlib.Path, width: int, height: int):
     driver.get_log("browser")
     driver.get(page.as_uri())
     # KaTeX runs when the page has loaded; wait until it has typeset something.
-    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.querySelectorAll('.katex').length > 0"))
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script(
+            "return document.querySelectorAll('.katex').length > 0"
+        )
+    )
 
 
 def _severe(driver) -> list[str]:
-    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE"
+    ]
 
 
 def _sections_layout(driver) -> list[dict]:
@@ -116,17 +155,31 @@ def test_reference_page_on_a_desktop(built_site, browser):
     # text of the prose (the code column is code, and keeps its `$`s if it has any).
     katex = browser.execute_script("return document.querySelectorAll('.katex').length")
     assert katex > 40, f"only {katex} KaTeX elements on the reference page"
-    assert browser.execute_script("return document.querySelectorAll('.katex-error').length") == 0
+    assert (
+        browser.execute_script(
+            "return document.querySelectorAll('.katex-error').length"
+        )
+        == 0
+    )
     text = browser.execute_script(
         "const c = document.querySelector('article').cloneNode(true);"
         "c.querySelectorAll('.katex, .literate-code, pre, code').forEach(e => e.remove());"
         "return c.innerText;"
     )
     for delimiter in ["$$", "\\[", "\\(", "\\begin{align}"]:
-        assert delimiter not in text, f"raw {delimiter!r} left in the page: ...{text[text.find(delimiter) - 80:][:200]}..."
-    assert "$" not in text, f"a raw $ is left in the page: ...{text[text.find('$') - 80:][:200]}..."
+        assert delimiter not in text, (
+            f"raw {delimiter!r} left in the page: ...{text[text.find(delimiter) - 80 :][:200]}..."
+        )
+    assert "$" not in text, (
+        f"a raw $ is left in the page: ...{text[text.find('$') - 80 :][:200]}..."
+    )
     # A display equation (an `align` inside a paragraph) is typeset in display mode.
-    assert browser.execute_script("return document.querySelectorAll('.katex-display').length") > 5
+    assert (
+        browser.execute_script(
+            "return document.querySelectorAll('.katex-display').length"
+        )
+        > 5
+    )
 
     # Two columns: in every section, the code starts to the right of the prose, at the
     # same height.
@@ -148,12 +201,16 @@ def test_reference_page_on_a_desktop(built_site, browser):
     assert len(rows) > 50
     for line, shown, code in rows:
         assert shown == f'"{line}"'
-        assert code == source[int(line) - 1], f"line {line}: page shows {code!r}, file has {source[int(line) - 1]!r}"
+        assert code == source[int(line) - 1], (
+            f"line {line}: page shows {code!r}, file has {source[int(line) - 1]!r}"
+        )
     numbers = [int(line) for line, _, _ in rows]
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
 
     # A screenshot of the two columns, at the step's sections.
-    browser.execute_script("document.querySelectorAll('.literate-section')[5].scrollIntoView()")
+    browser.execute_script(
+        "document.querySelectorAll('.literate-section')[5].scrollIntoView()"
+    )
     browser.save_screenshot(str(ARTIFACTS / "reference-desktop-sections.png"))
 
     # The KaTeX fonts loaded from the site itself (the math would be in a fallback
@@ -169,7 +226,9 @@ def test_reference_page_on_a_desktop(built_site, browser):
     box.click()
     box.send_keys("hessian_ema_reference")
     WebDriverWait(browser, 30).until(
-        lambda d: d.execute_script("return document.querySelectorAll('.md-search-result__item').length > 0")
+        lambda d: d.execute_script(
+            "return document.querySelectorAll('.md-search-result__item').length > 0"
+        )
     )
     assert _severe(browser) == [], "console errors while searching"
 
@@ -220,17 +279,33 @@ def test_reference_page_served_over_http(built_site, browser):
         browser.set_window_size(1400, 900)
         browser.get_log("browser")
         browser.get(f"http://127.0.0.1:{server.server_port}/code/reference.html")
-        WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.querySelectorAll('.katex').length > 40"))
-        assert browser.execute_script("return document.querySelectorAll('.literate-line').length") > 50
+        WebDriverWait(browser, 30).until(
+            lambda d: d.execute_script(
+                "return document.querySelectorAll('.katex').length > 40"
+            )
+        )
+        assert (
+            browser.execute_script(
+                "return document.querySelectorAll('.literate-line').length"
+            )
+            > 50
+        )
         # Navigation: the tabs lead to the other parts of the site.
-        tabs = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, ".md-tabs__link")]
-        assert any(t.endswith("/index.html") for t in tabs) and any("/notebooks/" in t for t in tabs)
+        tabs = [
+            a.get_attribute("href")
+            for a in browser.find_elements(By.CSS_SELECTOR, ".md-tabs__link")
+        ]
+        assert any(t.endswith("/index.html") for t in tabs) and any(
+            "/notebooks/" in t for t in tabs
+        )
         # Search finds the reference's step function.
         box = browser.find_element(By.CSS_SELECTOR, "input.md-search__input")
         box.click()
         box.send_keys("sophiag_reference")
         WebDriverWait(browser, 30).until(
-            lambda d: d.execute_script("return document.querySelectorAll('.md-search-result__item').length > 0")
+            lambda d: d.execute_script(
+                "return document.querySelectorAll('.md-search-result__item').length > 0"
+            )
         )
         assert _severe(browser) == []
     finally:

@@ -25,13 +25,20 @@ pytestmark = pytest.mark.slow
 
 
 def _build() -> tuple[pathlib.Path, str]:
-    require(shutil.which("npm") is not None, "building the site needs npm, which installs KaTeX (apt-get install npm)")
+    require(
+        shutil.which("npm") is not None,
+        "building the site needs npm, which installs KaTeX (apt-get install npm)",
+    )
     out = pathlib.Path(tempfile.mkdtemp(prefix="sophia-site-"))
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
-    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
+    )
     return out, result.stdout + result.stderr
 
 
@@ -45,14 +52,22 @@ def builds():
 
 
 def _tree(root: pathlib.Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+    )
 
 
 def _differences(a: pathlib.Path, b: pathlib.Path) -> list[str]:
     files_a, files_b = _tree(a), _tree(b)
     out = [f"only in the new build: {f}" for f in sorted(set(files_a) - set(files_b))]
-    out += [f"only in the committed site/: {f}" for f in sorted(set(files_b) - set(files_a))]
-    out += [f"differs: {f}" for f in sorted(set(files_a) & set(files_b)) if not filecmp.cmp(a / f, b / f, shallow=False)]
+    out += [
+        f"only in the committed site/: {f}" for f in sorted(set(files_b) - set(files_a))
+    ]
+    out += [
+        f"differs: {f}"
+        for f in sorted(set(files_a) & set(files_b))
+        if not filecmp.cmp(a / f, b / f, shallow=False)
+    ]
     return out
 
 
@@ -63,7 +78,11 @@ def test_strict_build_has_no_warnings(builds):
 
 def test_every_source_file_has_a_page(builds):
     site, _, _ = builds
-    sources = [p for p in (ROOT / "sophia").rglob("*") if p.suffix in {".py", ".cu", ".cuh", ".cpp", ".h"}]
+    sources = [
+        p
+        for p in (ROOT / "sophia").rglob("*")
+        if p.suffix in {".py", ".cu", ".cuh", ".cpp", ".h"}
+    ]
     sources = [p for p in sources if "__pycache__" not in p.parts]
     assert len(sources) > 15
     for path in sources:
@@ -71,7 +90,10 @@ def test_every_source_file_has_a_page(builds):
         name = rel[: -len(".py")] if path.suffix == ".py" else rel
         page = site / "code" / f"{name}.html"
         assert page.is_file(), f"no literate page for sophia/{rel}"
-        assert f"https://github.com/literate-sophia/sophia/blob/main/sophia/{rel}" in page.read_text()
+        assert (
+            f"https://github.com/literate-sophia/sophia/blob/main/sophia/{rel}"
+            in page.read_text()
+        )
     assert (site / "code" / "hooks" / "literate.html").is_file()
 
 
@@ -90,9 +112,18 @@ def test_nothing_is_loaded_from_elsewhere(builds):
             if tag == "link" and re.search(r'rel="(canonical|alternate)"', attr):
                 continue
             bad.append(f"{page.relative_to(site)}: <{tag}{attr}>")
-        bad += [f"{page.relative_to(site)}: {m}" for m in re.findall(r"""import\(\s*["'](?:https?:)?//[^"']+""", html)]
+        bad += [
+            f"{page.relative_to(site)}: {m}"
+            for m in re.findall(r"""import\(\s*["'](?:https?:)?//[^"']+""", html)
+        ]
     for css in site.rglob("*.css"):
-        bad += [f"{css.relative_to(site)}: {m}" for m in re.findall(r"""(?:url\(|@import\s)\s*["']?(?:https?:)?//[^)"';]+""", css.read_text())]
+        bad += [
+            f"{css.relative_to(site)}: {m}"
+            for m in re.findall(
+                r"""(?:url\(|@import\s)\s*["']?(?:https?:)?//[^)"';]+""",
+                css.read_text(),
+            )
+        ]
     assert bad == []
     # Material's web fonts are off, KaTeX's fonts are here.
     assert "fonts.googleapis.com" not in (site / "index.html").read_text()
@@ -107,14 +138,21 @@ def test_pages_are_files_that_work_from_disk(builds):
     assert 'src="../assets/katex/katex.min.js"' in reference
     assert (site / "search" / "search_index.js").is_file()
     # The directory URLs that links from elsewhere use (`code/reference/`) lead to the pages.
-    assert 'url=../reference.html"' in (site / "code" / "reference" / "index.html").read_text()
+    assert (
+        'url=../reference.html"'
+        in (site / "code" / "reference" / "index.html").read_text()
+    )
     assert not (site / "sitemap.xml").exists()
 
 
 def test_the_build_is_deterministic(builds):
     first, second, _ = builds
     assert _differences(first, second) == []
-    text = "".join(p.read_text(errors="replace") for p in first.rglob("*") if p.suffix in {".html", ".js", ".json", ".xml"})
+    text = "".join(
+        p.read_text(errors="replace")
+        for p in first.rglob("*")
+        if p.suffix in {".html", ".js", ".json", ".xml"}
+    )
     assert str(ROOT) not in text, "the site holds an absolute path of this checkout"
     assert str(first) not in text, "the site holds the path it was built into"
 
@@ -125,5 +163,6 @@ def test_committed_site_is_current(builds):
     assert committed.is_dir(), f"site/ is missing; rebuild it with: {REBUILD}"
     differences = _differences(first, committed)
     assert differences == [], (
-        f"site/ is stale ({len(differences)} files): rebuild it with: {REBUILD}\n" + "\n".join(differences[:30])
+        f"site/ is stale ({len(differences)} files): rebuild it with: {REBUILD}\n"
+        + "\n".join(differences[:30])
     )

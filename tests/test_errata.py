@@ -70,7 +70,9 @@ def _capped_denominator_step(theta, grad, hessian):
 
 def test_capped_denominator_gives_unbounded_steps():
     theta = torch.zeros(1, dtype=DTYPE)
-    ours = dict(lr=CAP["lr"], betas=(CAP["beta1"], 0.99), rho=CAP["rho"], weight_decay=0.0)
+    ours = dict(
+        lr=CAP["lr"], betas=(CAP["beta1"], 0.99), rho=CAP["rho"], weight_decay=0.0
+    )
 
     # Before the first refresh, $h = 0$: a gradient of 0.01 gives $m = 10^{-3}$ and a
     # step of $\eta m / \epsilon = 100$, a hundred thousand times $\eta$. Ours takes a
@@ -78,7 +80,9 @@ def test_capped_denominator_gives_unbounded_steps():
     grad = torch.tensor([0.01], dtype=DTYPE)
     theirs = _capped_denominator_step(theta, grad, torch.zeros(1, dtype=DTYPE))
     assert theirs.abs().item() == pytest.approx(100.0, rel=1e-9)
-    assert _sophia_step(theta, grad, **ours).abs().item() == pytest.approx(CAP["lr"], rel=1e-12)
+    assert _sophia_step(theta, grad, **ours).abs().item() == pytest.approx(
+        CAP["lr"], rel=1e-12
+    )
 
     # Where $h$ is large the cap makes the denominator $\rho$, and the step is
     # $\eta\, m / \rho$: it grows with the gradient without bound. A gradient spike of
@@ -87,12 +91,15 @@ def test_capped_denominator_gives_unbounded_steps():
     big_h = torch.tensor([50.0], dtype=DTYPE)
     theirs = _capped_denominator_step(theta, spike, big_h)
     assert theirs.abs().item() == pytest.approx(1.0, rel=1e-9)
-    assert _sophia_step(theta, spike, hessian=big_h, **ours).abs().item() <= CAP["lr"] * (1 + 1e-12)
+    assert _sophia_step(theta, spike, hessian=big_h, **ours).abs().item() <= CAP[
+        "lr"
+    ] * (1 + 1e-12)
 
 
 # ---------------------------------------------------------------------------------------
 # 2. Weight decay applied twice
 # ---------------------------------------------------------------------------------------
+
 
 # The mistaken step adds $\lambda\theta$ to the gradient (L2 regularization) *and* then
 # decays the parameter by $\eta\lambda\theta$ (decoupled decay). We put the extra L2 term
@@ -117,6 +124,7 @@ def test_weight_decay_applied_twice():
 # ---------------------------------------------------------------------------------------
 # 3. Hutchinson on a detached gradient
 # ---------------------------------------------------------------------------------------
+
 
 # The Hessian-vector product is $\nabla_\theta \langle g, u\rangle$: it needs $g$ as a
 # function of $\theta$, i.e. computed with `create_graph=True`. The mistaken estimator
@@ -169,7 +177,9 @@ def test_rademacher_probe_with_exclusive_bound_is_always_minus_one():
     (g,) = torch.autograd.grad(loss, theta, create_graph=True)
     u = torch.randint_like(theta, 0, 1) * 2 - 1
     (hu,) = torch.autograd.grad(g, theta, grad_outputs=u.detach(), retain_graph=True)
-    torch.testing.assert_close(u * hu, torch.tensor([1.0, 0.0, 1.0], dtype=DTYPE), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        u * hu, torch.tensor([1.0, 0.0, 1.0], dtype=DTYPE), rtol=0, atol=1e-12
+    )
 
     # Ours draws from $\{0, 1\}$: the mean of 4000 probes is within 5 standard errors of
     # the diagonal $[2, 2, 2]$ (the variance of one probe is $\sum_{j\ne i} H_{ij}^2$).
@@ -193,7 +203,9 @@ def _softmax_regression(seed: int):
     g = _gen(seed)
     x = torch.randn(SEQUENCES, POSITIONS, FEATURES, generator=g, dtype=DTYPE)
     y = torch.randint(0, CLASSES, (SEQUENCES, POSITIONS), generator=g)
-    w = (0.5 * torch.randn(CLASSES, FEATURES, generator=g, dtype=DTYPE)).requires_grad_()
+    w = (
+        0.5 * torch.randn(CLASSES, FEATURES, generator=g, dtype=DTYPE)
+    ).requires_grad_()
     return x, y, w
 
 
@@ -211,15 +223,25 @@ def test_gnb_over_the_batch_dimension_is_not_the_gauss_newton_diagonal():
     # the *positions* (dimension 0 of a `(T, V)` block) instead of a label sampled from
     # each prediction's softmax over the vocabulary; the loss is the cross-entropy against
     # those probabilities, averaged over sequences, and $B$ counts sequences.
-    soft = sum(F.cross_entropy(z, torch.softmax(z, dim=0).detach()) for z in logits) / SEQUENCES
+    soft = (
+        sum(F.cross_entropy(z, torch.softmax(z, dim=0).detach()) for z in logits)
+        / SEQUENCES
+    )
     (g,) = torch.autograd.grad(soft, w, retain_graph=True)
     mistaken = SEQUENCES * g * g
-    assert _relative_error(mistaken, truth) == pytest.approx(MISTAKEN_GNB["relative error"], abs=0.005)
-    assert (mistaken.sum() / truth.sum()).item() == pytest.approx(MISTAKEN_GNB["size"], abs=0.001)
+    assert _relative_error(mistaken, truth) == pytest.approx(
+        MISTAKEN_GNB["relative error"], abs=0.005
+    )
+    assert (mistaken.sum() / truth.sum()).item() == pytest.approx(
+        MISTAKEN_GNB["size"], abs=0.001
+    )
 
     # With the probabilities of the right dimension as targets the gradient vanishes
     # exactly: $\nabla_z \ell = p - p = 0$. The estimate is zero whatever the curvature.
-    right_dim = F.cross_entropy(logits.reshape(-1, CLASSES), torch.softmax(logits, -1).reshape(-1, CLASSES).detach())
+    right_dim = F.cross_entropy(
+        logits.reshape(-1, CLASSES),
+        torch.softmax(logits, -1).reshape(-1, CLASSES).detach(),
+    )
     (g0,) = torch.autograd.grad(right_dim, w, retain_graph=True)
     assert g0.abs().max().item() < 1e-15
 
@@ -246,6 +268,7 @@ MISTAKEN_GNB = {"relative error": 0.99, "size": 0.010}
 # 6. The true-label gradient squared, every step; momentum updated twice
 # ---------------------------------------------------------------------------------------
 
+
 # The exact expectation of the Gauss-Newton-Bartlett estimate over the sampled labels, for
 # softmax regression: each prediction's gradient is $(p_b - e_c) x_b^\top$ for label $c$,
 # drawn with probability $p_{bc}$; the $B$ gradients are independent with mean zero, so
@@ -271,7 +294,9 @@ def test_true_label_gradient_squared_grows_with_the_batch():
         loss = F.cross_entropy(x[:batch] @ w.T, y[:batch])
         (truth,) = exact_hessian_diagonal(loss, [w])
         # Sophia-G's estimate, in expectation, *is* the diagonal, at any batch size.
-        torch.testing.assert_close(_expected_gnb(x[:batch], w.detach()), truth, rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            _expected_gnb(x[:batch], w.detach()), truth, rtol=1e-10, atol=0
+        )
         # The true-label gradient squared, times $B$: $B\, (\nabla L)^2$ plus noise. Away
         # from a minimum the mean gradient dominates, and this grows with $B$.
         (g_true,) = torch.autograd.grad(loss, w)
@@ -291,7 +316,9 @@ def test_momentum_updated_twice_halves_its_memory():
     m0 = torch.randn(10, generator=_gen(9), dtype=DTYPE)
     g = torch.randn(10, generator=_gen(10), dtype=DTYPE)
     twice = beta1 * (beta1 * m0 + (1 - beta1) * g) + (1 - beta1) * g
-    torch.testing.assert_close(twice, beta1**2 * m0 + (1 - beta1**2) * g, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        twice, beta1**2 * m0 + (1 - beta1**2) * g, rtol=1e-12, atol=0
+    )
     # The half-life $\ln 2 / -\ln\beta_1$ of the average, in steps: 19.5 becomes 9.7.
     assert math.log(2) / -math.log(beta1) == pytest.approx(19.5, abs=0.05)
     assert math.log(2) / -math.log(beta1**2) == pytest.approx(9.7, abs=0.05)
@@ -300,6 +327,7 @@ def test_momentum_updated_twice_halves_its_memory():
 # ---------------------------------------------------------------------------------------
 # 7. A stale estimate
 # ---------------------------------------------------------------------------------------
+
 
 # The mistaken schedule reads the step counter *before* counting the step to decide when
 # to compute an estimate (counter $\equiv 0 \bmod k$), and *after* counting it to decide
@@ -337,6 +365,7 @@ def test_stale_estimate_is_nine_steps_old():
 # 8. Dividing by the square root of h, unclipped
 # ---------------------------------------------------------------------------------------
 
+
 # The tutorial's update: $\theta \leftarrow \theta - \eta\, m / (\sqrt h + \delta)$, with $h$
 # re-estimated every step and no clip. That is Adam's shape with a curvature estimate in
 # place of $v$; it has neither Newton's units nor Sophia's bound.
@@ -367,6 +396,7 @@ def test_sqrt_h_without_clipping_is_unbounded():
 # 9. Docstrings that are not raw strings
 # ---------------------------------------------------------------------------------------
 
+
 # In a plain string literal, `\b`, `\f`, `\n`, `\t` are escapes: LaTeX's `\begin`,
 # `\frac`, `\nabla`, `\theta` silently become a backspace, a form feed, a newline and a
 # tab followed by the rest of the word, and an unknown escape such as `\sum` draws a
@@ -376,7 +406,12 @@ def test_non_raw_docstrings_mangle_latex():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         text = eval(compile(plain, "<docstring>", "eval"))
-    assert "\x08egin" in text and "\x0crac" in text and "\nabla" in text and "\theta" in text
+    assert (
+        "\x08egin" in text
+        and "\x0crac" in text
+        and "\nabla" in text
+        and "\theta" in text
+    )
     assert "\\begin" not in text
     raw = eval(compile("r" + plain, "<docstring>", "eval"))
     assert raw == r"$\begin{align} \frac{a}{b} \nabla \theta \end{align}$"
@@ -385,12 +420,15 @@ def test_non_raw_docstrings_mangle_latex():
         warnings.simplefilter("always")
         compile(r'"$\sum_i$"', "<docstring>", "eval")
     # A `DeprecationWarning` up to Python 3.11, a `SyntaxWarning` from 3.12 on.
-    assert any(issubclass(w.category, (SyntaxWarning, DeprecationWarning)) for w in caught)
+    assert any(
+        issubclass(w.category, (SyntaxWarning, DeprecationWarning)) for w in caught
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # 10. Where the authors' own code is fragile
 # ---------------------------------------------------------------------------------------
+
 
 # The authors' step, restated: $\theta \mathrel{-}= \eta\,\operatorname{sign}(m)\,
 # \min(|m| / (\rho B h + 10^{-15}), 1)$. It is right for Sophia-G, whose $h \ge 0$; with a
@@ -409,9 +447,18 @@ def test_authors_guard_does_not_stop_a_negative_hessian():
     assert (update > 0).all()
     assert update.tolist() == pytest.approx([0.1, 100.0], rel=1e-9)
     # Ours: the guard $\max(\rho B h, \epsilon)$ makes both a downhill sign step of $\eta$.
-    ours = _sophia_step(torch.zeros(2, dtype=DTYPE), m, hessian=h, lr=lr, betas=(0.0, 0.99), rho=rho,
-                        weight_decay=0.0)
-    torch.testing.assert_close(ours, torch.full((2,), -lr, dtype=DTYPE), rtol=1e-12, atol=0)
+    ours = _sophia_step(
+        torch.zeros(2, dtype=DTYPE),
+        m,
+        hessian=h,
+        lr=lr,
+        betas=(0.0, 0.99),
+        rho=rho,
+        weight_decay=0.0,
+    )
+    torch.testing.assert_close(
+        ours, torch.full((2,), -lr, dtype=DTYPE), rtol=1e-12, atol=0
+    )
 
 
 def test_authors_fragile_corners():
@@ -508,7 +555,9 @@ def test_clipping_escapes_negative_curvature():
     paths = _paths()
     # Newton divides by the negative curvature and walks *up* to the saddle, where it stays.
     newton = paths["diagonal Newton, no clip"]
-    assert newton[-1].abs().max().item() < 1e-12 and _landscape(newton[-1]).item() == pytest.approx(0.25)
+    assert newton[-1].abs().max().item() < 1e-12 and _landscape(
+        newton[-1]
+    ).item() == pytest.approx(0.25)
     # Sophia's guard and clip turn negative curvature into sign steps downhill; once the
     # curvature is positive it takes Newton steps. It reaches $f < 10^{-4}$ in 12 steps,
     # gradient descent in 65.
@@ -530,9 +579,21 @@ def draw(out: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     levels = [0.01, 0.03, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16]
     ax.contour(xs, ys, _landscape(grid), levels=levels, colors="0.75", linewidths=0.8)
-    styles = {"gradient descent": "tab:blue", "diagonal Newton, no clip": "tab:red", "Sophia": "tab:green"}
+    styles = {
+        "gradient descent": "tab:blue",
+        "diagonal Newton, no clip": "tab:red",
+        "Sophia": "tab:green",
+    }
     for name, path in paths.items():
-        ax.plot(path[:, 0], path[:, 1], "o-", ms=3, lw=1.2, color=styles[name], label=f"{name} ({STEPS} steps)")
+        ax.plot(
+            path[:, 0],
+            path[:, 1],
+            "o-",
+            ms=3,
+            lw=1.2,
+            color=styles[name],
+            label=f"{name} ({STEPS} steps)",
+        )
     ax.plot([0, 0], [1, 0], "k*", ms=9)
     ax.annotate("minimum", (0, 1), textcoords="offset points", xytext=(6, 6))
     ax.annotate("saddle", (0, 0), textcoords="offset points", xytext=(6, -12))
@@ -540,11 +601,15 @@ def draw(out: pathlib.Path) -> None:
     ax.annotate("start", START, textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("$x$ (curvature 32)")
     ax.set_ylabel("$y$ (curvature $3y^2-1$)")
-    ax.set_title(r"$f(x,y)=16x^2+\frac{1}{4}(y^2-1)^2$, exact gradient and Hessian diagonal")
+    ax.set_title(
+        r"$f(x,y)=16x^2+\frac{1}{4}(y^2-1)^2$, exact gradient and Hessian diagonal"
+    )
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
 
 
 if __name__ == "__main__":
-    draw(pathlib.Path(__file__).resolve().parent.parent / "docs" / "img" / "paths-2d.png")
+    draw(
+        pathlib.Path(__file__).resolve().parent.parent / "docs" / "img" / "paths-2d.png"
+    )

@@ -64,7 +64,10 @@ def _single_probe_samples(loss, params, n, distribution, seed):
     r"""`n` independent one-probe estimates, flattened, as an `(n, numel)` tensor."""
     g = _gen(seed)
     return torch.stack(
-        [_flat(hutchinson(loss, params, distribution=distribution, generator=g)) for _ in range(n)]
+        [
+            _flat(hutchinson(loss, params, distribution=distribution, generator=g))
+            for _ in range(n)
+        ]
     )
 
 
@@ -108,7 +111,13 @@ def test_hutchinson_n_samples_is_the_mean_of_single_probes(distribution):
     samples = 50
     single = _single_probe_samples(loss, params, samples, distribution, seed=4)
     averaged = _flat(
-        hutchinson(loss, params, n_samples=samples, distribution=distribution, generator=_gen(4))
+        hutchinson(
+            loss,
+            params,
+            n_samples=samples,
+            distribution=distribution,
+            generator=_gen(4),
+        )
     )
     torch.testing.assert_close(averaged, single.mean(dim=0), rtol=1e-12, atol=1e-12)
 
@@ -143,11 +152,15 @@ def test_hutchinson_rademacher_probe_has_both_signs():
     theta = torch.randn(3, generator=_gen(0), dtype=DTYPE).requires_grad_()
     loss = 0.5 * (a * theta**2).sum() + c * theta[0] * theta[1]
     g = _gen(7)
-    estimates = torch.stack([hutchinson(loss, [theta], generator=g)[0] for _ in range(64)])
+    estimates = torch.stack(
+        [hutchinson(loss, [theta], generator=g)[0] for _ in range(64)]
+    )
     assert set(estimates[:, 0].tolist()) == {a[0].item() - c, a[0].item() + c}
     assert set(estimates[:, 1].tolist()) == {a[1].item() - c, a[1].item() + c}
     assert (estimates[:, 2] == a[2]).all()
-    assert abs(estimates[:, 0].mean().item() - a[0].item()) <= SIGMAS * c / math.sqrt(64)
+    assert abs(estimates[:, 0].mean().item() - a[0].item()) <= SIGMAS * c / math.sqrt(
+        64
+    )
 
 
 def test_hutchinson_gaussian_probe_is_continuous():
@@ -174,9 +187,21 @@ def test_hutchinson_reproducible_with_generator():
     a = _symmetric(7, seed=8)
     loss, params = _quadratic(a)
     for distribution in ("rademacher", "gaussian"):
-        first = _flat(hutchinson(loss, params, n_samples=3, distribution=distribution, generator=_gen(9)))
-        again = _flat(hutchinson(loss, params, n_samples=3, distribution=distribution, generator=_gen(9)))
-        other = _flat(hutchinson(loss, params, n_samples=3, distribution=distribution, generator=_gen(10)))
+        first = _flat(
+            hutchinson(
+                loss, params, n_samples=3, distribution=distribution, generator=_gen(9)
+            )
+        )
+        again = _flat(
+            hutchinson(
+                loss, params, n_samples=3, distribution=distribution, generator=_gen(9)
+            )
+        )
+        other = _flat(
+            hutchinson(
+                loss, params, n_samples=3, distribution=distribution, generator=_gen(10)
+            )
+        )
         assert torch.equal(first, again)
         assert not torch.equal(first, other)
 
@@ -277,9 +302,13 @@ def test_exact_diagonal_matches_autograd_functional_hessian():
     params, loss_fn = _tiny_mlp()
     loss = loss_fn(*params)
     diagonal = exact_hessian_diagonal(loss, params)
-    blocks = torch.autograd.functional.hessian(loss_fn, tuple(p.detach() for p in params))
+    blocks = torch.autograd.functional.hessian(
+        loss_fn, tuple(p.detach() for p in params)
+    )
     for i, (d, p) in enumerate(zip(diagonal, params)):
-        expected = blocks[i][i].reshape(p.numel(), p.numel()).diagonal().reshape(p.shape)
+        expected = (
+            blocks[i][i].reshape(p.numel(), p.numel()).diagonal().reshape(p.shape)
+        )
         torch.testing.assert_close(d, expected, rtol=1e-10, atol=1e-12)
     # The network's own curvature makes some diagonal entries negative (a Gauss-Newton
     # diagonal never is), so this is a real test of the second-order terms.
@@ -305,7 +334,8 @@ def _labels_from_gradient(logits_grad: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("shape", "predictions"), [((5,), 1), ((3, 5), 3), ((2, 4, 5), 8), ((2, 3, 4, 1), 24)]
+    ("shape", "predictions"),
+    [((5,), 1), ((3, 5), 3), ((2, 4, 5), 8), ((2, 3, 4, 1), 24)],
 )
 def test_gnb_counts_predictions_and_has_grad(shape, predictions):
     logits = torch.randn(shape, generator=_gen(0), dtype=DTYPE).requires_grad_()
@@ -364,7 +394,9 @@ def test_gnb_reproducible_with_generator():
 
 
 def test_gnb_half_precision_logits():
-    logits = torch.randn(2, 3, 11, generator=_gen(10)).to(torch.bfloat16).requires_grad_()
+    logits = (
+        torch.randn(2, 3, 11, generator=_gen(10)).to(torch.bfloat16).requires_grad_()
+    )
     loss, b = gnb_loss(logits, generator=_gen(11))
     assert b == 6 and loss.dtype == torch.float32
     loss.backward()
@@ -401,7 +433,10 @@ def test_gnb_unbiased_for_gauss_newton_of_softmax_regression():
     mean = estimates.mean(dim=0)
     standard_error = estimates.std(dim=0) / math.sqrt(samples)
     assert (standard_error > 0).all()
-    assert ((mean - gauss_newton).abs() <= SIGMAS * standard_error).all(), (mean, gauss_newton)
+    assert ((mean - gauss_newton).abs() <= SIGMAS * standard_error).all(), (
+        mean,
+        gauss_newton,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,7 +458,11 @@ def _simple_loss():
         (torch.zeros(3, 4, dtype=torch.long), TypeError, r"`logits`.*torch.int64"),
         (torch.tensor([[0.0, float("nan")]]), ValueError, r"`logits`.*NaN"),
         (torch.tensor([[0.0, float("inf")]]), ValueError, r"`logits`.*\+inf"),
-        (torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]]), ValueError, r"`logits`.*every class at -inf"),
+        (
+            torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]]),
+            ValueError,
+            r"`logits`.*every class at -inf",
+        ),
         ([[0.0, 1.0]], TypeError, r"`logits`.*list"),
     ],
 )
@@ -437,7 +476,9 @@ def test_gnb_masked_classes_are_never_sampled():
     # class would make its cross-entropy, hence the mean loss, infinite).
     logits = torch.zeros(2000, 4)
     logits[:, 1] = float("-inf")
-    loss, B = gnb_loss(logits.requires_grad_(), generator=torch.Generator().manual_seed(0))
+    loss, B = gnb_loss(
+        logits.requires_grad_(), generator=torch.Generator().manual_seed(0)
+    )
     assert B == 2000 and torch.isfinite(loss)
 
 
@@ -455,7 +496,11 @@ def test_gnb_bad_generator():
         ({"n_samples": True}, TypeError, r"`n_samples`.*True"),
         ({"distribution": "normal"}, ValueError, r"`distribution`.*'normal'"),
         ({"generator": "seed"}, TypeError, r"`generator`.*str"),
-        ({"grads": [torch.zeros(3), torch.zeros(3)]}, ValueError, r"`grads` has 2 entries"),
+        (
+            {"grads": [torch.zeros(3), torch.zeros(3)]},
+            ValueError,
+            r"`grads` has 2 entries",
+        ),
         ({"grads": [torch.zeros(4)]}, ValueError, r"`grads\[0\]`.*shape \(4,\)"),
         ({"grads": [torch.zeros(3)]}, ValueError, r"`grads`.*create_graph=True"),
     ],
@@ -508,11 +553,21 @@ def test_hutchinson_explains_a_missing_second_derivative():
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         try:
-            loss = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).pow(2).sum()
+            loss = (
+                torch.nn.functional.scaled_dot_product_attention(
+                    q, q, q, is_causal=True
+                )
+                .pow(2)
+                .sum()
+            )
         except RuntimeError:
             pytest.skip("no flash attention kernel on this build")
     with pytest.raises(RuntimeError, match=r"no second derivative .*SDPBackend.MATH"):
         hutchinson(loss, [q])
     with sdpa_kernel(SDPBackend.MATH):
-        loss = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).pow(2).sum()
+        loss = (
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+            .pow(2)
+            .sum()
+        )
     assert hutchinson(loss, [q])[0].shape == q.shape

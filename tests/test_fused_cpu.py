@@ -30,12 +30,17 @@ from sophia.reference import hessian_ema_reference, sophiag_reference
 
 fused = pytest.importorskip("sophia.fused")
 
-EXPECT_BITWISE = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
+EXPECT_BITWISE = platform.machine().lower() in (
+    "x86_64",
+    "amd64",
+) and torch.backends.cpu.get_cpu_capability() in (
     "AVX2",
     "AVX512",
 )
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-HYPER = dict(lr=0.01, beta1=0.965, rho=0.04, bs=64.0, weight_decay=0.1, eps=1e-15, maximize=False)
+HYPER = dict(
+    lr=0.01, beta1=0.965, rho=0.04, bs=64.0, weight_decay=0.1, eps=1e-15, maximize=False
+)
 SIZES = [1, 3, 5, 7, 64, 1023, 1024, 4097]
 
 
@@ -98,7 +103,9 @@ class Arena:
         self.buffers = []
 
     def place(self, t, offset=0):
-        buf = torch.full((t.numel() + offset + 2 * self.GUARD,), self.SENTINEL, dtype=t.dtype)
+        buf = torch.full(
+            (t.numel() + offset + 2 * self.GUARD,), self.SENTINEL, dtype=t.dtype
+        )
         start = self.GUARD + offset
         view = buf[start : start + t.numel()].view(t.shape)
         view.copy_(t)
@@ -107,7 +114,9 @@ class Arena:
 
     def assert_guards_intact(self):
         for buf, lo, hi in self.buffers:
-            assert bool((buf[:lo] == self.SENTINEL).all() and (buf[hi:] == self.SENTINEL).all()), "out-of-bounds write"
+            assert bool(
+                (buf[:lo] == self.SENTINEL).all() and (buf[hi:] == self.SENTINEL).all()
+            ), "out-of-bounds write"
 
 
 def random_state(sizes, dtype, seed=0, hessian_scale=0.1):
@@ -143,7 +152,12 @@ def max_ulps(actual, expected):
     a, e = a[keep].double(), e[keep].double()
     if a.numel() == 0:
         return 0.0
-    mantissa = {torch.float32: 23, torch.float64: 52, torch.bfloat16: 7, torch.float16: 10}[expected.dtype]
+    mantissa = {
+        torch.float32: 23,
+        torch.float64: 52,
+        torch.bfloat16: 7,
+        torch.float16: 10,
+    }[expected.dtype]
     tiny = torch.finfo(expected.dtype).smallest_normal
     _, exponent = torch.frexp(torch.maximum(e.abs(), torch.full_like(e, tiny)))
     ulp = torch.ldexp(torch.ones_like(e), exponent - 1 - mantissa)
@@ -158,13 +172,19 @@ def assert_agrees(actual, expected, what, lr=HYPER["lr"]):
     a, e = a[~a.isnan()], e[~e.isnan()]
     if EXPECT_BITWISE:
         same = a.view(INT_VIEW[a.element_size()]) == e.view(INT_VIEW[e.element_size()])
-        assert bool(same.all()), f"{what}: {int((~same).sum())} elements differ, up to {max_ulps(a, e)} ulp"
+        assert bool(same.all()), (
+            f"{what}: {int((~same).sum())} elements differ, up to {max_ulps(a, e)} ulp"
+        )
     elif a.dtype in (torch.float32, torch.float64):
         diff = (a.double() - e.double()).abs()
-        assert bool((diff <= 1e-6 * (e.double().abs() + lr)).all()), f"{what}: max |diff| {float(diff.max())}"
+        assert bool((diff <= 1e-6 * (e.double().abs() + lr)).all()), (
+            f"{what}: max |diff| {float(diff.max())}"
+        )
     else:
         assert max_ulps(a, e) <= 1, f"{what}: {max_ulps(a, e)} ulp"
-        assert float((a == e).float().mean()) > 0.9, f"{what}: most elements should be equal"
+        assert float((a == e).float().mean()) > 0.9, (
+            f"{what}: most elements should be equal"
+        )
 
 
 def run_step(sizes, dtype, *, seed=0, offsets=None, hyper=HYPER, **extra):
@@ -173,7 +193,10 @@ def run_step(sizes, dtype, *, seed=0, offsets=None, hyper=HYPER, **extra):
     ref = clones(state)
     arena = Arena()
     offsets = offsets or (lambda column, i: 0)
-    fz = [[arena.place(t, offsets(c, i)) for i, t in enumerate(column)] for c, column in enumerate(state)]
+    fz = [
+        [arena.place(t, offsets(c, i)) for i, t in enumerate(column)]
+        for c, column in enumerate(state)
+    ]
     ref_steps = [torch.tensor(3.0) for _ in sizes]
     fz_steps = [torch.tensor(3.0) for _ in sizes]
     sophiag_reference(*ref, ref_steps, **hyper)
@@ -201,22 +224,66 @@ def assert_step_agrees(ref, fz, ref_steps, fz_steps, state, lr=HYPER["lr"]):
 def conversion_inputs():
     gen = torch.Generator().manual_seed(0)
     to_int32 = lambda x: ((x + 2**31) % 2**32 - 2**31).to(torch.int32)
-    random_bits = to_int32(torch.randint(0, 2**32, (1 << 18,), generator=gen, dtype=torch.int64))
+    random_bits = to_int32(
+        torch.randint(0, 2**32, (1 << 18,), generator=gen, dtype=torch.int64)
+    )
     high = torch.randint(0, 2**16, (4096,), generator=gen, dtype=torch.int64) << 16
-    bf16_ties = to_int32(torch.cat([high | low for low in (0x8000, 0x7FFF, 0x8001, 0x0000, 0xFFFF)]))
+    bf16_ties = to_int32(
+        torch.cat([high | low for low in (0x8000, 0x7FFF, 0x8001, 0x0000, 0xFFFF)])
+    )
     half_mantissas = torch.randint(1024, 2048, (64,), generator=gen).double()
     half_ties = torch.cat(
-        [(half_mantissas + frac) * 2.0 ** (e - 10) for e in range(-14, 16) for frac in (0.5, 0.49999, 0.50001)]
-        + [(torch.arange(0, 1024).double() + frac) * 2.0**-24 for frac in (0.5, 0.25, 0.75)]
+        [
+            (half_mantissas + frac) * 2.0 ** (e - 10)
+            for e in range(-14, 16)
+            for frac in (0.5, 0.49999, 0.50001)
+        ]
+        + [
+            (torch.arange(0, 1024).double() + frac) * 2.0**-24
+            for frac in (0.5, 0.25, 0.75)
+        ]
     ).float()
     special = torch.tensor(
-        [0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 65504.0, 65519.99, 65520.0, 65536.0, 2.0**-14,
-         2.0**-24, 2.0**-25, 2.0**-25 * (1 + 2**-20), 2.0**-26, 3.0 * 2.0**-26, 1e-45, 1.17549435e-38,
-         torch.finfo(torch.float32).max, torch.finfo(torch.bfloat16).max, 3.3961776e38, 1.0, -1.0, 1.0 + 2**-8,
-         1.0 + 2**-9, 1.0 + 3 * 2**-9, 1.0 + 2**-11, 1.0 + 3 * 2**-11],
+        [
+            0.0,
+            -0.0,
+            math.inf,
+            -math.inf,
+            math.nan,
+            -math.nan,
+            65504.0,
+            65519.99,
+            65520.0,
+            65536.0,
+            2.0**-14,
+            2.0**-24,
+            2.0**-25,
+            2.0**-25 * (1 + 2**-20),
+            2.0**-26,
+            3.0 * 2.0**-26,
+            1e-45,
+            1.17549435e-38,
+            torch.finfo(torch.float32).max,
+            torch.finfo(torch.bfloat16).max,
+            3.3961776e38,
+            1.0,
+            -1.0,
+            1.0 + 2**-8,
+            1.0 + 2**-9,
+            1.0 + 3 * 2**-9,
+            1.0 + 2**-11,
+            1.0 + 3 * 2**-11,
+        ],
         dtype=torch.float32,
     )
-    values = torch.cat([random_bits.view(torch.float32), bf16_ties.view(torch.float32), half_ties, special])
+    values = torch.cat(
+        [
+            random_bits.view(torch.float32),
+            bf16_ties.view(torch.float32),
+            half_ties,
+            special,
+        ]
+    )
     return torch.cat([values, -values])
 
 
@@ -227,9 +294,16 @@ def test_conversions_match_torch(ext, dtype):
     expected = src.to(dtype)
     nan = src.isnan()
     assert bool(stored[nan].isnan().all()) and not bool(stored[~nan].isnan().any())
-    bits, expected_bits = stored[~nan].view(torch.int16), expected[~nan].view(torch.int16)
-    assert torch.equal(bits, expected_bits), f"{int((bits != expected_bits).sum())} values round differently"
-    assert torch.equal(back[~nan].view(torch.int32), expected[~nan].float().view(torch.int32))
+    bits, expected_bits = (
+        stored[~nan].view(torch.int16),
+        expected[~nan].view(torch.int16),
+    )
+    assert torch.equal(bits, expected_bits), (
+        f"{int((bits != expected_bits).sum())} values round differently"
+    )
+    assert torch.equal(
+        back[~nan].view(torch.int32), expected[~nan].float().view(torch.int32)
+    )
     assert bool(back[nan].isnan().all())
 
 
@@ -241,11 +315,17 @@ def test_conversions_match_torch(ext, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "hyper",
-    [HYPER, dict(HYPER, weight_decay=0.0, maximize=True), dict(HYPER, lr=0.3, beta1=0.0, weight_decay=0.7)],
+    [
+        HYPER,
+        dict(HYPER, weight_decay=0.0, maximize=True),
+        dict(HYPER, lr=0.3, beta1=0.0, weight_decay=0.7),
+    ],
     ids=["default", "maximize-no-decay", "big-lr"],
 )
 def test_step_matches_reference(launch_config, dtype, hyper):
-    state, ref, fz, ref_steps, fz_steps = run_step(SIZES + [65536 + 5], dtype, hyper=hyper)
+    state, ref, fz, ref_steps, fz_steps = run_step(
+        SIZES + [65536 + 5], dtype, hyper=hyper
+    )
     assert_step_agrees(ref, fz, ref_steps, fz_steps, state, lr=hyper["lr"])
 
 
@@ -291,21 +371,32 @@ def test_many_small_tensors_share_launches(ext):
     config = ext.packing(4)
     state, ref, fz, ref_steps, fz_steps = run_step(sizes, torch.float32)
     launches = ext.launch_count()
-    assert launches == expected_launches(sizes, config["chunk_size"], config["max_blocks"], config["max_tensors"])
+    assert launches == expected_launches(
+        sizes, config["chunk_size"], config["max_blocks"], config["max_tensors"]
+    )
     assert launches == -(-len(sizes) // config["max_tensors"]) > 1
     assert_step_agrees(ref, fz, ref_steps, fz_steps, state)
 
 
 @pytest.mark.parametrize(
     "sizes",
-    [[5000, 1, 20000, 3, 1023, 0, 64, 65], [64 * 5 * 3 + 1], [0, 0], [64] * 11 + [1] * 4],
+    [
+        [5000, 1, 20000, 3, 1023, 0, 64, 65],
+        [64 * 5 * 3 + 1],
+        [0, 0],
+        [64] * 11 + [1] * 4,
+    ],
     ids=["mixed", "carry-over", "empty", "exact-fits"],
 )
 def test_large_tensors_span_chunks_and_launches(ext, sizes):
-    with packing(ext, chunk_size=64, max_blocks=5, max_tensors=3, block_size=8) as config:
+    with packing(
+        ext, chunk_size=64, max_blocks=5, max_tensors=3, block_size=8
+    ) as config:
         state, ref, fz, ref_steps, fz_steps = run_step(sizes, torch.float32)
         launches = ext.launch_count()
-    assert launches == expected_launches(sizes, config["chunk_size"], config["max_blocks"], config["max_tensors"])
+    assert launches == expected_launches(
+        sizes, config["chunk_size"], config["max_blocks"], config["max_tensors"]
+    )
     assert_step_agrees(ref, fz, ref_steps, fz_steps, state)
 
 
@@ -314,7 +405,10 @@ def test_production_packing_with_the_gpu_block_size(ext):
     with packing(ext, block_size="gpu") as config:
         state, ref, fz, ref_steps, fz_steps = run_step(sizes, torch.float32)
         launches = ext.launch_count()
-    assert config["chunk_size"] == 65536 and config["block_size"] == config["gpu_block_size"]
+    assert (
+        config["chunk_size"] == 65536
+        and config["block_size"] == config["gpu_block_size"]
+    )
     assert launches == 1
     assert_step_agrees(ref, fz, ref_steps, fz_steps, state)
 
@@ -348,7 +442,10 @@ def test_misaligned_views_next_to_aligned_ones(launch_config, dtype):
     offsets = lambda column, i: [0, 1, (column == 2) * 1, 3, 0, 2][i]
     state, ref, fz, ref_steps, fz_steps = run_step(sizes, dtype, offsets=offsets)
     vector_bytes = launch_config["ilp"] * fz[0][0].element_size()
-    assert fz[0][1].data_ptr() % vector_bytes != 0 and fz[0][0].data_ptr() % vector_bytes == 0
+    assert (
+        fz[0][1].data_ptr() % vector_bytes != 0
+        and fz[0][0].data_ptr() % vector_bytes == 0
+    )
     assert_step_agrees(ref, fz, ref_steps, fz_steps, state)
 
 
@@ -390,7 +487,9 @@ def test_nan_inf_and_negative_curvature_follow_the_reference(ext, dtype):
     for r, f in zip(ref, fz):
         assert_agrees(f[0], r[0], "special values")
     assert bool(fz[0][0][[0, 2, 4]].isnan().all())
-    assert float(fz[0][0][3]) == pytest.approx((1 - HYPER["lr"] * HYPER["weight_decay"]) - HYPER["lr"], rel=1e-2)
+    assert float(fz[0][0][3]) == pytest.approx(
+        (1 - HYPER["lr"] * HYPER["weight_decay"]) - HYPER["lr"], rel=1e-2
+    )
 
 
 # ## GradScaler's contract
@@ -400,16 +499,26 @@ def test_found_inf_changes_nothing_at_all(ext, dtype, flag):
     state = random_state(SIZES, dtype)
     before = clones(state)
     steps = [torch.tensor(5.0) for _ in SIZES]
-    fused.sophiag_fused(*state, steps, **HYPER, found_inf=torch.tensor([flag]), grad_scale=torch.tensor(8.0))
+    fused.sophiag_fused(
+        *state,
+        steps,
+        **HYPER,
+        found_inf=torch.tensor([flag]),
+        grad_scale=torch.tensor(8.0),
+    )
     for column, old in zip(state, before):
         for t, o in zip(column, old):
-            assert torch.equal(t.view(INT_VIEW[t.element_size()]), o.view(INT_VIEW[o.element_size()]))
+            assert torch.equal(
+                t.view(INT_VIEW[t.element_size()]), o.view(INT_VIEW[o.element_size()])
+            )
     assert all(float(s) == 5.0 for s in steps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_found_inf_zero_is_a_normal_step(ext, dtype):
-    state, ref, fz, ref_steps, fz_steps = run_step(SIZES, dtype, found_inf=torch.tensor(0.0))
+    state, ref, fz, ref_steps, fz_steps = run_step(
+        SIZES, dtype, found_inf=torch.tensor(0.0)
+    )
     assert_step_agrees(ref, fz, ref_steps, fz_steps, state)
     assert all(float(s) == 4.0 for s in fz_steps)
 
@@ -425,11 +534,18 @@ def test_grad_scale_gives_the_step_on_the_unscaled_gradient(ext, dtype):
     scaled = [g * 1024 for g in state[1]]
     fz[1] = [s.clone() for s in scaled]
     sophiag_reference(*ref, [torch.tensor(0.0) for _ in SIZES], **HYPER)
-    fused.sophiag_fused(*fz, [torch.tensor(0.0) for _ in SIZES], **HYPER, grad_scale=torch.tensor(1024.0))
+    fused.sophiag_fused(
+        *fz,
+        [torch.tensor(0.0) for _ in SIZES],
+        **HYPER,
+        grad_scale=torch.tensor(1024.0),
+    )
     for column in (0, 2):
         for r, f in zip(ref[column], fz[column]):
             assert_agrees(f, r, "scaled step")
-    assert all(torch.equal(s, f) for s, f in zip(scaled, fz[1])), "the gradient must not be written"
+    assert all(torch.equal(s, f) for s, f in zip(scaled, fz[1])), (
+        "the gradient must not be written"
+    )
 
 
 def test_grad_scale_not_a_power_of_two(ext):
@@ -441,7 +557,9 @@ def test_grad_scale_not_a_power_of_two(ext):
     fz = clones(state)
     fz[1] = scaled
     sophiag_reference(*ref, [torch.tensor(0.0) for _ in SIZES], **HYPER)
-    fused.sophiag_fused(*fz, [torch.tensor(0.0) for _ in SIZES], **HYPER, grad_scale=scale)
+    fused.sophiag_fused(
+        *fz, [torch.tensor(0.0) for _ in SIZES], **HYPER, grad_scale=scale
+    )
     for column in (0, 2):
         for r, f in zip(ref[column], fz[column]):
             assert_agrees(f, r, "scaled step")
@@ -464,10 +582,14 @@ def test_lr_tensor_is_read_at_every_call(ext):
     state = random_state([9], torch.float32)
     lr = torch.tensor(0.0)
     before = clones(state)
-    fused.sophiag_fused(*state, [torch.tensor(0.0)], **dict(HYPER, lr=lr, weight_decay=0.0))
+    fused.sophiag_fused(
+        *state, [torch.tensor(0.0)], **dict(HYPER, lr=lr, weight_decay=0.0)
+    )
     assert torch.equal(state[0][0], before[0][0])
     lr.fill_(0.5)
-    fused.sophiag_fused(*state, [torch.tensor(0.0)], **dict(HYPER, lr=lr, weight_decay=0.0))
+    fused.sophiag_fused(
+        *state, [torch.tensor(0.0)], **dict(HYPER, lr=lr, weight_decay=0.0)
+    )
     assert not torch.equal(state[0][0], before[0][0])
 
 
@@ -475,7 +597,12 @@ def test_lr_tensor_is_read_at_every_call(ext):
 def test_complex_parameters_are_pairs_of_reals(ext):
     gen = torch.Generator().manual_seed(5)
     make = lambda n: torch.randn(n, generator=gen, dtype=torch.complex64)
-    state = [[make(3), make(1023)], [make(3), make(1023)], [make(3), make(1023)], [make(3).abs() * 0.1 + 0j, make(1023) * 0.1]]
+    state = [
+        [make(3), make(1023)],
+        [make(3), make(1023)],
+        [make(3), make(1023)],
+        [make(3).abs() * 0.1 + 0j, make(1023) * 0.1],
+    ]
     ref, fz = clones(state), clones(state)
     sophiag_reference(*ref, [torch.tensor(0.0)] * 2, **HYPER)
     fused.sophiag_fused(*fz, [torch.tensor(0.0), torch.tensor(0.0)], **HYPER)
@@ -499,12 +626,18 @@ def test_empty_tensors_and_lists(ext):
 # rounding downward (then the result is the reference's on the rounded estimate).
 def test_estimates_are_converted_to_the_hessian_dtype(ext):
     gen = torch.Generator().manual_seed(7)
-    h32, e16 = torch.rand(1001, generator=gen), torch.randn(1001, generator=gen).to(torch.bfloat16)
+    h32, e16 = (
+        torch.rand(1001, generator=gen),
+        torch.randn(1001, generator=gen).to(torch.bfloat16),
+    )
     ref, fz = [h32.clone()], [h32.clone()]
     hessian_ema_reference(ref, [e16], beta2=0.99, square=True)
     fused.hessian_ema_fused(fz, [e16], beta2=0.99, square=True)
     assert_agrees(fz[0], ref[0], "upward")
-    h16, e32 = torch.rand(1001, generator=gen).to(torch.bfloat16), torch.randn(1001, generator=gen)
+    h16, e32 = (
+        torch.rand(1001, generator=gen).to(torch.bfloat16),
+        torch.randn(1001, generator=gen),
+    )
     ref, fz = [h16.clone()], [h16.clone()]
     hessian_ema_reference(ref, [e32.to(torch.bfloat16)], beta2=0.99, square=False)
     fused.hessian_ema_fused(fz, [e32], beta2=0.99, square=False)
@@ -523,36 +656,76 @@ def test_closed_loop_on_a_quadratic(ext, dtype, steps=300, k=10):
     runs = {}
     for name in ("reference", "fused"):
         gen = torch.Generator().manual_seed(11)
-        curv = [torch.rand(n, generator=gen, dtype=torch.float64) * 10 + 0.1 for n in sizes]
+        curv = [
+            torch.rand(n, generator=gen, dtype=torch.float64) * 10 + 0.1 for n in sizes
+        ]
         target = [torch.randn(n, generator=gen, dtype=torch.float64) for n in sizes]
-        params = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for n in sizes]
+        params = [
+            torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for n in sizes
+        ]
         exp_avgs = [torch.zeros(n, dtype=dtype) for n in sizes]
         hessians = [torch.zeros(n, dtype=dtype) for n in sizes]
         state_steps = [torch.tensor(0.0) for _ in sizes]
-        step, ema = (sophiag_reference, hessian_ema_reference) if name == "reference" else (
-            fused.sophiag_fused, fused.hessian_ema_fused)
+        step, ema = (
+            (sophiag_reference, hessian_ema_reference)
+            if name == "reference"
+            else (fused.sophiag_fused, fused.hessian_ema_fused)
+        )
         noise = torch.Generator().manual_seed(12)
 
-        def grads():
-            return [(c * p.double() - b).to(dtype) for c, p, b in zip(curv, params, target)]
+        def grads(curv=curv, params=params, target=target):
+            return [
+                (c * p.double() - b).to(dtype) for c, p, b in zip(curv, params, target)
+            ]
 
-        def loss():
-            return sum(float((0.5 * c * p.double() ** 2 - b * p.double()).sum()) for c, p, b in zip(curv, params, target))
+        def loss(curv=curv, params=params, target=target):
+            return sum(
+                float((0.5 * c * p.double() ** 2 - b * p.double()).sum())
+                for c, p, b in zip(curv, params, target)
+            )
 
         first = loss()
         for t in range(steps):
-            step(params, grads(), exp_avgs, hessians, state_steps, lr=3e-2, beta1=0.965, rho=0.05, bs=4.0,
-                 weight_decay=0.01, eps=1e-15, maximize=False)
+            step(
+                params,
+                grads(),
+                exp_avgs,
+                hessians,
+                state_steps,
+                lr=3e-2,
+                beta1=0.965,
+                rho=0.05,
+                bs=4.0,
+                weight_decay=0.01,
+                eps=1e-15,
+                maximize=False,
+            )
             if t % k == k - 1:
                 if (t // k) % 2 == 0:
-                    est = [(g.double() + 0.1 * torch.randn(g.shape, generator=noise, dtype=torch.float64)).to(dtype)
-                           for g in grads()]
+                    est = [
+                        (
+                            g.double()
+                            + 0.1
+                            * torch.randn(g.shape, generator=noise, dtype=torch.float64)
+                        ).to(dtype)
+                        for g in grads()
+                    ]
                     ema(hessians, est, beta2=0.99, square=True)
                 else:
-                    est = [(c + 3.0 * torch.randn(c.shape, generator=noise, dtype=torch.float64)).to(dtype) for c in curv]
+                    est = [
+                        (
+                            c
+                            + 3.0
+                            * torch.randn(c.shape, generator=noise, dtype=torch.float64)
+                        ).to(dtype)
+                        for c in curv
+                    ]
                     ema(hessians, est, beta2=0.99, square=False)
         runs[name] = (params, exp_avgs, hessians, state_steps, first, loss())
-    (p_r, m_r, h_r, s_r, first, last_r), (p_f, m_f, h_f, s_f, _, last_f) = runs["reference"], runs["fused"]
+    (p_r, m_r, h_r, s_r, first, last_r), (p_f, m_f, h_f, s_f, _, last_f) = (
+        runs["reference"],
+        runs["fused"],
+    )
     assert last_r < 0.5 * first
     if EXPECT_BITWISE:
         for r, f in zip(p_r + m_r + h_r, p_f + m_f + h_f):
@@ -588,14 +761,29 @@ def spoil(kind, state):
 
 
 BAD = {
-    "int": (TypeError, r"params\[1\] has dtype torch\.int64 \(dtype torch\.int64, device cpu, layout torch\.strided"),
+    "int": (
+        TypeError,
+        r"params\[1\] has dtype torch\.int64 \(dtype torch\.int64, device cpu, layout torch\.strided",
+    ),
     "bool": (TypeError, r"grads\[1\] has dtype torch\.bool \(.*device cpu"),
     "float8": (TypeError, r"exp_avgs\[1\] has dtype torch\.float8_e4m3fn"),
-    "non-contiguous": (ValueError, r"exp_avgs\[1\] is not contiguous \(dtype torch\.float32, device cpu, layout torch\.strided.*strides \(2,\)"),
-    "sparse": (TypeError, r"grads\[1\] has layout torch\.sparse_coo \(dtype torch\.float32, device cpu"),
+    "non-contiguous": (
+        ValueError,
+        r"exp_avgs\[1\] is not contiguous \(dtype torch\.float32, device cpu, layout torch\.strided.*strides \(2,\)",
+    ),
+    "sparse": (
+        TypeError,
+        r"grads\[1\] has layout torch\.sparse_coo \(dtype torch\.float32, device cpu",
+    ),
     "meta": (RuntimeError, r"hessians\[1\] is on device meta"),
-    "mixed dtype": (TypeError, r"exp_avgs\[1\] has dtype torch\.float64 but params\[1\] has torch\.float32"),
-    "shape": (ValueError, r"grads\[1\] has shape \(1024,\) but params\[1\] has \(1023,\)"),
+    "mixed dtype": (
+        TypeError,
+        r"exp_avgs\[1\] has dtype torch\.float64 but params\[1\] has torch\.float32",
+    ),
+    "shape": (
+        ValueError,
+        r"grads\[1\] has shape \(1024,\) but params\[1\] has \(1023,\)",
+    ),
     "conj": (ValueError, r"params\[1\] is a lazy conjugated"),
 }
 
@@ -611,17 +799,26 @@ def test_bad_input_is_refused_before_anything_is_written(ext, kind):
     for column, old in zip(state, before):
         for t, o in zip(column, old):
             if t.device.type != "meta":
-                assert torch.equal(t.to_dense() if t.is_sparse else t, o.to_dense() if o.is_sparse else o)
+                assert torch.equal(
+                    t.to_dense() if t.is_sparse else t,
+                    o.to_dense() if o.is_sparse else o,
+                )
     assert all(float(s) == 2.0 for s in steps)
 
 
 def test_bad_scalars_are_refused(ext):
     state = random_state([5], torch.float32)
     before = clones(state)
-    with pytest.raises(ValueError, match=r"lr as a tensor must hold one floating-point value"):
-        fused.sophiag_fused(*state, [torch.tensor(0.0)], **dict(HYPER, lr=torch.tensor([0.1, 0.2])))
+    with pytest.raises(
+        ValueError, match=r"lr as a tensor must hold one floating-point value"
+    ):
+        fused.sophiag_fused(
+            *state, [torch.tensor(0.0)], **dict(HYPER, lr=torch.tensor([0.1, 0.2]))
+        )
     with pytest.raises(ValueError, match=r"found_inf"):
-        fused.sophiag_fused(*state, [torch.tensor(0.0)], **HYPER, found_inf=torch.zeros(2))
+        fused.sophiag_fused(
+            *state, [torch.tensor(0.0)], **HYPER, found_inf=torch.zeros(2)
+        )
     for column, old in zip(state, before):
         assert torch.equal(column[0], old[0])
 
@@ -629,14 +826,30 @@ def test_bad_scalars_are_refused(ext):
 # The binding checks again, in C++, with messages that name the list, the index and
 # the tensor, whatever the Python side let through.
 BINDING_BAD = {
-    "mixed dtype": (lambda s: s[2].__setitem__(0, s[2][0].double()),
-                    r"exp_avgs\[0\] has dtype torch\.float64 but the call's tensors have dtype torch\.float32"),
-    "int": (lambda s: s[3].__setitem__(1, torch.ones(3, dtype=torch.int32)),
-            r"hessians\[1\] has unsupported dtype torch\.int32 \(dtype torch\.int32, device cpu, layout torch\.strided"),
-    "non-contiguous": (lambda s: s[1].__setitem__(0, torch.zeros(4, 2)[:, 1]), r"grads\[0\] is not contiguous"),
-    "sparse": (lambda s: s[1].__setitem__(1, torch.zeros(3).to_sparse()), r"grads\[1\] has layout torch\.sparse_coo"),
-    "meta": (lambda s: s[0].__setitem__(1, torch.zeros(3, device="meta")), r"params\[1\] is on meta .* cpu build"),
-    "numel": (lambda s: s[2].__setitem__(1, torch.zeros(4)), r"exp_avgs\[1\] has 4 elements but params\[1\] has 3"),
+    "mixed dtype": (
+        lambda s: s[2].__setitem__(0, s[2][0].double()),
+        r"exp_avgs\[0\] has dtype torch\.float64 but the call's tensors have dtype torch\.float32",
+    ),
+    "int": (
+        lambda s: s[3].__setitem__(1, torch.ones(3, dtype=torch.int32)),
+        r"hessians\[1\] has unsupported dtype torch\.int32 \(dtype torch\.int32, device cpu, layout torch\.strided",
+    ),
+    "non-contiguous": (
+        lambda s: s[1].__setitem__(0, torch.zeros(4, 2)[:, 1]),
+        r"grads\[0\] is not contiguous",
+    ),
+    "sparse": (
+        lambda s: s[1].__setitem__(1, torch.zeros(3).to_sparse()),
+        r"grads\[1\] has layout torch\.sparse_coo",
+    ),
+    "meta": (
+        lambda s: s[0].__setitem__(1, torch.zeros(3, device="meta")),
+        r"params\[1\] is on meta .* cpu build",
+    ),
+    "numel": (
+        lambda s: s[2].__setitem__(1, torch.zeros(4)),
+        r"exp_avgs\[1\] has 4 elements but params\[1\] has 3",
+    ),
     "length": (lambda s: s[3].pop(), r"hessians has 1 tensors, expected 2"),
 }
 
@@ -652,7 +865,10 @@ def test_binding_refuses_bad_tensors(ext, kind):
     for column, old in zip(state, before):
         for t, o in zip(column, old):
             if t.device.type != "meta":
-                assert torch.equal(t.to_dense() if t.is_sparse else t, o.to_dense() if o.is_sparse else o)
+                assert torch.equal(
+                    t.to_dense() if t.is_sparse else t,
+                    o.to_dense() if o.is_sparse else o,
+                )
 
 
 def test_binding_refuses_bad_scalars(ext):
@@ -661,5 +877,8 @@ def test_binding_refuses_bad_scalars(ext):
     for position, name in ((1, "lr"), (7, "grad_scale"), (8, "found_inf")):
         bad = list(args)
         bad[position] = torch.tensor(1.0, dtype=torch.float64)
-        with pytest.raises(RuntimeError, match=rf"{name} must be a one-element torch\.float32 tensor on cpu"):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"{name} must be a one-element torch\.float32 tensor on cpu",
+        ):
             ext.fused_step(*state, *bad)

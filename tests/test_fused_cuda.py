@@ -30,9 +30,16 @@ def quadratic_run(implementation, dtype, steps=300, k=10, seed=0):
     r"""Several hundred closed-loop steps on a quadratic with refreshes; tensors of awkward sizes."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     shapes = [(1,), (3,), (1023,), (64, 33), (70_001,), (5, 5, 5)]
-    params = [torch.randn(s, device="cuda", generator=gen).to(dtype).requires_grad_() for s in shapes]
+    params = [
+        torch.randn(s, device="cuda", generator=gen).to(dtype).requires_grad_()
+        for s in shapes
+    ]
     curv = [torch.rand(s, device="cuda", generator=gen) * 10 + 0.1 for s in shapes]
-    flags = dict(reference=dict(foreach=False), foreach=dict(foreach=True), fused=dict(fused=True))[implementation]
+    flags = dict(
+        reference=dict(foreach=False),
+        foreach=dict(foreach=True),
+        fused=dict(fused=True),
+    )[implementation]
     opt = SophiaG(params, lr=1e-2, rho=0.1, weight_decay=0.1, **flags)
     for t in range(steps):
         for p, c in zip(params, curv):
@@ -45,12 +52,16 @@ def quadratic_run(implementation, dtype, steps=300, k=10, seed=0):
     return params
 
 
-@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2 ** -6)])
+@pytest.mark.parametrize(
+    "dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-6)]
+)
 def test_fused_reference_and_foreach_agree(dtype, rtol):
     ref = quadratic_run("reference", dtype)
     for other in ("foreach", "fused"):
         for a, b in zip(ref, quadratic_run(other, dtype)):
-            torch.testing.assert_close(b.float(), a.float(), rtol=rtol, atol=rtol * 1e-2)
+            torch.testing.assert_close(
+                b.float(), a.float(), rtol=rtol, atol=rtol * 1e-2
+            )
 
 
 def test_fused_none_picks_the_kernel_on_cuda():
@@ -87,7 +98,7 @@ def test_cuda_graph_capture_of_the_step():
         opt_g.step(bs=4)
 
     for t in range(20):
-        new_lr = 1e-2 * 0.9 ** t
+        new_lr = 1e-2 * 0.9**t
         grads = [torch.randn(s, device="cuda") for s in shapes]
         for p, g in zip(graphed, grads):
             p.grad.copy_(g)

@@ -26,13 +26,17 @@ def cpu_build():
 
 def make_model(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Linear(32, 5))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Linear(32, 5)
+    )
     return model.to(dtype)
 
 
 def batch(t, dtype=torch.float32):
     g = torch.Generator().manual_seed(t)
-    return torch.randn(32, 12, generator=g).to(dtype), torch.randint(0, 5, (32,), generator=g)
+    return torch.randn(32, 12, generator=g).to(dtype), torch.randint(
+        0, 5, (32,), generator=g
+    )
 
 
 def train(model, opt, steps, k=5, start=0):
@@ -46,7 +50,10 @@ def train(model, opt, steps, k=5, start=0):
         losses.append(loss.item())
         if t % k == k - 1:
             opt.zero_grad(set_to_none=True)
-            sampled, bs = gnb_loss(model(batch(10_000 + t, x.dtype)[0]), generator=torch.Generator().manual_seed(t))
+            sampled, bs = gnb_loss(
+                model(batch(10_000 + t, x.dtype)[0]),
+                generator=torch.Generator().manual_seed(t),
+            )
             sampled.backward()
             opt.update_hessian()
     return losses
@@ -58,10 +65,16 @@ HYPER = dict(lr=3e-3, betas=(0.965, 0.99), rho=0.05, weight_decay=0.1)
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_fused_training_agrees_with_the_reference(dtype, rtol):
     ref_model, fused_model = make_model(dtype), make_model(dtype)
-    ref_losses = train(ref_model, SophiaG(ref_model.parameters(), **HYPER, foreach=False), 60)
-    fused_losses = train(fused_model, SophiaG(fused_model.parameters(), **HYPER, fused=True), 60)
+    ref_losses = train(
+        ref_model, SophiaG(ref_model.parameters(), **HYPER, foreach=False), 60
+    )
+    fused_losses = train(
+        fused_model, SophiaG(fused_model.parameters(), **HYPER, fused=True), 60
+    )
     assert ref_losses[-1] < ref_losses[0]
-    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(ref_losses), rtol=rtol, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(fused_losses), torch.tensor(ref_losses), rtol=rtol, atol=0
+    )
     for a, b in zip(ref_model.parameters(), fused_model.parameters()):
         torch.testing.assert_close(b, a, rtol=rtol, atol=rtol)
 
@@ -73,7 +86,7 @@ def test_fused_bfloat16_training_tracks_the_reference():
     for a, b in zip(ref_model.parameters(), fused_model.parameters()):
         # Within a few bfloat16 units in the last place: the two round the same float32
         # values, which may themselves differ in their last bit.
-        torch.testing.assert_close(b.float(), a.float(), rtol=2 ** -6, atol=2 ** -10)
+        torch.testing.assert_close(b.float(), a.float(), rtol=2**-6, atol=2**-10)
 
 
 def test_state_dict_moves_between_fused_and_reference():
@@ -97,7 +110,9 @@ def test_state_dict_moves_between_fused_and_reference():
 def test_lr_as_a_tensor_follows_its_value():
     model_a, model_b = make_model(), make_model()
     opt_a = SophiaG(model_a.parameters(), **HYPER, fused=True)
-    opt_b = SophiaG(model_b.parameters(), **dict(HYPER, lr=torch.tensor(HYPER["lr"])), fused=True)
+    opt_b = SophiaG(
+        model_b.parameters(), **dict(HYPER, lr=torch.tensor(HYPER["lr"])), fused=True
+    )
     train(model_a, opt_a, 6)
     train(model_b, opt_b, 6)
     for a, b in zip(model_a.parameters(), model_b.parameters()):
@@ -113,7 +128,7 @@ def test_lr_as_a_tensor_follows_its_value():
 
 
 def test_grad_scaler_skips_an_overflowed_step_and_unscales_otherwise():
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     model, ref = make_model(), make_model()
     opt = SophiaG(model.parameters(), **HYPER, fused=True)
     ref_opt = SophiaG(ref.parameters(), **HYPER, foreach=False)
@@ -133,10 +148,15 @@ def test_grad_scaler_skips_an_overflowed_step_and_unscales_otherwise():
 
     # An overflow: the step changes nothing at all, step counters included.
     params = [p.detach().clone() for p in model.parameters()]
-    state = {k: {n: v.clone() for n, v in s.items()} for k, s in enumerate(opt.state.values())}
+    state = {
+        k: {n: v.clone() for n, v in s.items()}
+        for k, s in enumerate(opt.state.values())
+    }
     scale = scaler.get_scale()
     model.zero_grad(set_to_none=True)
-    scaler.scale(torch.nn.functional.cross_entropy(model(batch(9)[0]), batch(9)[1])).backward()
+    scaler.scale(
+        torch.nn.functional.cross_entropy(model(batch(9)[0]), batch(9)[1])
+    ).backward()
     next(model.parameters()).grad[0, 0] = float("inf")
     scaler.step(opt, bs=32)
     scaler.update()
@@ -161,7 +181,12 @@ def test_bad_input_is_refused_before_anything_is_written():
 
     # One group fused, one not: a bad fused group stops the step before the first group runs.
     other = torch.randn(3, requires_grad=True)
-    opt = SophiaG([dict(params=[other], fused=False, foreach=False), dict(params=[strided], fused=True)])
+    opt = SophiaG(
+        [
+            dict(params=[other], fused=False, foreach=False),
+            dict(params=[strided], fused=True),
+        ]
+    )
     other.grad = torch.ones(3)
     other_before = other.detach().clone()
     with pytest.raises((ValueError, RuntimeError, TypeError), match=r"contiguous"):
@@ -187,7 +212,9 @@ def test_a_kernel_that_cannot_build_refuses_the_whole_step(monkeypatch):
     monkeypatch.setattr(fused, "load_extension", no_build)
     first = torch.randn(3, requires_grad=True)
     second = torch.randn(3, requires_grad=True)
-    opt = SophiaG([dict(params=[first], foreach=False), dict(params=[second], fused=True)])
+    opt = SophiaG(
+        [dict(params=[first], foreach=False), dict(params=[second], fused=True)]
+    )
     first.grad, second.grad = torch.ones(3), torch.ones(3)
     before = first.detach().clone()
     with pytest.raises(fused.FusedUnavailableError, match="simulated"):
@@ -201,4 +228,6 @@ def test_inference_tensors_are_refused_before_any_write():
     ok = torch.randn(3, requires_grad=True)
     ok.grad = torch.ones(3)
     with pytest.raises(RuntimeError, match=r"params\[1\] is an inference tensor"):
-        fused.check_fused_tensors({"params": [ok, frozen], "grads or estimates": [ok.grad, torch.ones(3)]})
+        fused.check_fused_tensors(
+            {"params": [ok, frozen], "grads or estimates": [ok.grad, torch.ones(3)]}
+        )

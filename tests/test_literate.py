@@ -20,7 +20,9 @@ def test_module_opens_with_front_matter(path):
     assert lines[0] == "---", f"{path.name}: the docstring must open with front matter"
     end = lines.index("---", 1)
     keys = {line.split(":", 1)[0] for line in lines[1:end]}
-    assert {"title", "summary"} <= keys, f"{path.name}: front matter needs title and summary"
+    assert {"title", "summary"} <= keys, (
+        f"{path.name}: front matter needs title and summary"
+    )
     assert len(lines) > end + 1, f"{path.name}: prose must follow the front matter"
 
 
@@ -30,18 +32,38 @@ def test_every_docstring_is_a_raw_string(path):
     tree = ast.parse(source)
     lines = source.splitlines()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+        if (
+            isinstance(
+                node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            )
+            and node.body
+        ):
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                opening = lines[first.lineno - 1][first.col_offset:]
-                assert opening[:1] in "rR", f"{path.name}:{first.lineno} docstring is not a raw string"
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                opening = lines[first.lineno - 1][first.col_offset :]
+                assert opening[:1] in "rR", (
+                    f"{path.name}:{first.lineno} docstring is not a raw string"
+                )
 
 
 def test_import_emits_no_warning():
     result = subprocess.run(
-        [sys.executable, "-W", "error::SyntaxWarning", "-W", "error::DeprecationWarning", "-c",
-         "import sophia, sophia.reference, sophia.foreach, sophia.optimizer, sophia.hessian, sophia.demo, "
-         "sophia.fused, sophia.model, sophia.data, sophia.train, sophia.benchmark"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-W",
+            "error::SyntaxWarning",
+            "-W",
+            "error::DeprecationWarning",
+            "-c",
+            "import sophia, sophia.reference, sophia.foreach, sophia.optimizer, sophia.hessian, "
+            "sophia.fused, sophia.experiments, sophia.experiments.model, sophia.experiments.data, "
+            "sophia.experiments.demo, sophia.experiments.train, sophia.experiments.benchmark",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,9 @@ import markdown
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("literate_hook", ROOT / "docs" / "hooks" / "literate.py")
+_spec = importlib.util.spec_from_file_location(
+    "literate_hook", ROOT / "docs" / "hooks" / "literate.py"
+)
 literate = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = literate
 _spec.loader.exec_module(literate)
@@ -50,7 +52,9 @@ def test_front_matter_gives_title_summary_and_intro():
     )
     assert lit.meta == {"title": "A title", "summary": "What it is."}
     assert lit.intro == "# A title\n\nIntro with $x$."
-    page = literate.to_markdown(lit, "m.py", "code/m.md", "https://example.org/m.py", [], {})
+    page = literate.to_markdown(
+        lit, "m.py", "code/m.md", "https://example.org/m.py", [], {}
+    )
     assert "title: A title" in page and "description: What it is." in page
     # The intro's heading repeats the title and is not written twice.
     assert page.count("# A title") == 1
@@ -90,7 +94,10 @@ def test_a_comment_inside_a_function_opens_a_section_mid_function():
             return y
         """
     )
-    assert [s.prose for s in lit.sections] == [["The function."], ["Now the second half."]]
+    assert [s.prose for s in lit.sections] == [
+        ["The function."],
+        ["Now the second half."],
+    ]
     assert lit.sections[0].code == [(2, "def f(x):"), (3, "    y = x + 1")]
     assert lit.sections[1].code == [(6, "    return y")]
 
@@ -107,7 +114,10 @@ def test_nested_blocks_keep_indentation_and_numbers():
                         print(i)
         """
     )
-    assert lit.sections[1].prose == ["Deep inside: two loops and a branch.", "  indented continuation stays indented"]
+    assert lit.sections[1].prose == [
+        "Deep inside: two loops and a branch.",
+        "  indented continuation stays indented",
+    ]
     assert lit.sections[1].code == [(7, "                print(i)")]
     assert code_numbers(lit.sections[0]) == [1, 2, 3, 4]
 
@@ -170,13 +180,20 @@ def test_docstrings_of_functions_and_classes_join_the_prose():
         '''
     )
     (section,) = lit.sections
-    assert section.prose == ["A class.", "", "The class's docstring, with $m_t$.", "", "Two lines", "of docstring."]
+    assert section.prose == [
+        "A class.",
+        "",
+        "The class's docstring, with $m_t$.",
+        "",
+        "Two lines",
+        "of docstring.",
+    ]
     # The docstrings' lines are not in the code column; the others keep their numbers.
     assert code_numbers(section) == [2, 4, 5, 8]
 
 
 def test_math_survives_untouched():
-    source = r'''
+    source = r"""
         # The EMA:
         # $$h_t = \beta_2 h_{t-k} + (1 - \beta_2)\, \hat h_t.$$
         # And a derivation:
@@ -185,7 +202,7 @@ def test_math_survives_untouched():
         #   c_* &= d_*
         # \end{align}
         x = 1
-        '''
+        """
     lit = parse_py(source)
     prose = "\n".join(lit.sections[0].prose)
     assert r"$$h_t = \beta_2 h_{t-k} + (1 - \beta_2)\, \hat h_t.$$" in prose
@@ -197,12 +214,16 @@ def test_math_survives_untouched():
     )
     html = md.convert(prose)
     assert r"\[h_t = \beta_2 h_{t-k} + (1 - \beta_2)\, \hat h_t.\]" in html
-    assert "\\begin{align}\n  a_1 &amp;= b_2 \\\\\n  c_* &amp;= d_*\n\\end{align}" in html
+    assert (
+        "\\begin{align}\n  a_1 &amp;= b_2 \\\\\n  c_* &amp;= d_*\n\\end{align}" in html
+    )
     assert "<em>" not in html and "$" not in html
 
 
 def test_display_math_in_code_spans_stays_code():
-    md = markdown.Markdown(extensions=["pymdownx.arithmatex", literate.DisplayMathExtension()])
+    md = markdown.Markdown(
+        extensions=["pymdownx.arithmatex", literate.DisplayMathExtension()]
+    )
     assert "<code>$$x$$</code>" in md.convert("Write `$$x$$` for display math.")
 
 
@@ -232,7 +253,11 @@ def test_cpp_comment_blocks_and_the_opening_block_comment():
         """
     )
     assert lit.meta["title"] == "A kernel" and lit.intro == "Intro."
-    assert [s.prose for s in lit.sections] == [[], ["## Working precision", "", "Done in `float32`."], ["Inside a struct."]]
+    assert [s.prose for s in lit.sections] == [
+        [],
+        ["## Working precision", "", "Done in `float32`."],
+        ["Inside a struct."],
+    ]
     # Preprocessor lines are code, not prose.
     assert code_numbers(lit.sections[0]) == [9, 10]
     assert code_numbers(lit.sections[1]) == [15, 16]
@@ -249,13 +274,23 @@ def test_links_to_module_pages_are_resolved():
     }
     text = "[a](foreach.html), [b](csrc/sophia_launcher.html#x), [c](https://x.org/a.html), [d](../scale.md)"
     out = literate.resolve_links(text, "reference.py", "code/reference.md", pages)
-    assert out == "[a](foreach.md), [b](csrc/sophia_launcher.cu.md#x), [c](https://x.org/a.html), [d](../scale.md)"
-    out = literate.resolve_links("[r](../reference.html)", "csrc/sophia_kernel.cuh", "code/csrc/sophia_kernel.cuh.md", pages)
+    assert (
+        out
+        == "[a](foreach.md), [b](csrc/sophia_launcher.cu.md#x), [c](https://x.org/a.html), [d](../scale.md)"
+    )
+    out = literate.resolve_links(
+        "[r](../reference.html)",
+        "csrc/sophia_kernel.cuh",
+        "code/csrc/sophia_kernel.cuh.md",
+        pages,
+    )
     assert out == "[r](../reference.md)"
 
 
 def test_unresolved_links_are_reported(caplog):
-    out = literate.resolve_links("[x](nowhere.html)", "reference.py", "code/reference.md", {})
+    out = literate.resolve_links(
+        "[x](nowhere.html)", "reference.py", "code/reference.md", {}
+    )
     assert out == "[x](nowhere.html)"
     assert "nowhere.html" in caplog.text
 
@@ -271,9 +306,7 @@ def test_highlighted_lines_match_the_file():
     assert text == source.splitlines()
 
 
-@pytest.mark.parametrize(
-    "rel", sorted(literate.source_pages(ROOT)), ids=lambda r: r
-)
+@pytest.mark.parametrize("rel", sorted(literate.source_pages(ROOT)), ids=lambda r: r)
 def test_every_source_file_parses_and_every_code_line_is_shown_once(rel):
     path, page, _ = literate.source_pages(ROOT)[rel]
     source = path.read_text()
@@ -293,7 +326,9 @@ def test_every_source_file_parses_and_every_code_line_is_shown_once(rel):
         docstring_lines = literate.cpp_docstring(source)[1]
     for n, line in enumerate(lines, start=1):
         if line.strip():
-            assert (n in shown) + (n in prose_lines) + (n in docstring_lines) == 1, f"{rel}:{n} {line!r}"
+            assert (n in shown) + (n in prose_lines) + (n in docstring_lines) == 1, (
+                f"{rel}:{n} {line!r}"
+            )
     if path.name != "__main__.py":
         assert lit.meta.get("title"), f"{rel} has no title in its front matter"
 
@@ -303,7 +338,11 @@ def test_links_to_the_published_site_become_links_within_it():
         def __init__(self, dest_uri):
             self.dest_uri = dest_uri
 
-    files = [F("index.html"), F("code/reference.html"), F("notebooks/02_hessian_estimators.html")]
+    files = [
+        F("index.html"),
+        F("code/reference.html"),
+        F("notebooks/02_hessian_estimators.html"),
+    ]
     site = "https://literate-sophia.github.io/sophia/"
     html = (
         f'<a href="{site}code/reference/">r</a> <a href="{site}code/reference.html#the-step">s</a> '
@@ -317,7 +356,11 @@ def test_links_to_the_published_site_become_links_within_it():
 
 
 def test_each_page_is_also_reachable_at_its_directory_url(tmp_path):
-    literate.write_redirects(tmp_path, [("code/reference.html", "The <reference>"), ("index.html", "Home")])
+    literate.write_redirects(
+        tmp_path, [("code/reference.html", "The <reference>"), ("index.html", "Home")]
+    )
     stub = (tmp_path / "code" / "reference" / "index.html").read_text()
-    assert 'content="0; url=../reference.html"' in stub and "The &lt;reference&gt;" in stub
+    assert (
+        'content="0; url=../reference.html"' in stub and "The &lt;reference&gt;" in stub
+    )
     assert not (tmp_path / "index" / "index.html").exists()

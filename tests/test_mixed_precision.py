@@ -21,19 +21,23 @@ import torch
 import torch.nn.functional as F
 
 from sophia import SophiaG, gnb_loss
+from sophia.experiments.model import GPT, GPTConfig
 from sophia.fused import fused_available
-from sophia.model import GPT, GPTConfig
 
 IMPLS = [dict(foreach=False), dict(foreach=True)]
 if fused_available("cpu"):
     IMPLS.append(dict(fused=True))
-IMPL_IDS = [next(iter(flags)) + "=" + str(next(iter(flags.values()))) for flags in IMPLS]
+IMPL_IDS = [
+    next(iter(flags)) + "=" + str(next(iter(flags.values()))) for flags in IMPLS
+]
 HYPER = dict(lr=3e-3, betas=(0.9, 0.99), rho=0.05, weight_decay=0.1)
 
 
 def mlp():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4)
+    )
 
 
 def batch(t):
@@ -66,7 +70,9 @@ def test_bf16_autocast_trains_the_gpt():
             sampled.backward()
             opt.update_hessian()
             opt.zero_grad(set_to_none=True)
-    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert all(
+        p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters()
+    )
     assert losses[-1] < 0.7 * losses[0]
     assert opt.win_rate() > 0
 
@@ -79,7 +85,7 @@ def test_bf16_autocast_trains_the_gpt():
 def test_grad_scaler_skips_an_overflowed_step_bit_for_bit(flags):
     model = mlp()
     opt = SophiaG(model.parameters(), **HYPER, **flags)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     for t in range(3):
         with torch.autocast("cpu", dtype=torch.float16):
             loss = F.cross_entropy(model(batch(t)[0]), batch(t)[1])
@@ -114,7 +120,7 @@ def test_the_refresh_divides_the_scale_out(flags):
     scaled, plain = mlp(), mlp()
     opt_s = SophiaG(scaled.parameters(), **HYPER, **flags)
     opt_p = SophiaG(plain.parameters(), **HYPER, **flags)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, _ = batch(3)
     loss_s, _ = gnb_loss(scaled(x), generator=torch.Generator().manual_seed(5))
     loss_p, _ = gnb_loss(plain(x), generator=torch.Generator().manual_seed(5))
@@ -126,14 +132,16 @@ def test_the_refresh_divides_the_scale_out(flags):
         assert torch.equal(opt_s.state[a]["hessian"], opt_p.state[b]["hessian"])
         assert opt_p.state[b]["hessian"].abs().sum() > 0
     # The gradients themselves are left scaled, as the scaler would find them.
-    assert torch.equal(next(scaled.parameters()).grad, 2.0 ** 10 * next(plain.parameters()).grad)
+    assert torch.equal(
+        next(scaled.parameters()).grad, 2.0**10 * next(plain.parameters()).grad
+    )
 
 
 @pytest.mark.parametrize("flags", IMPLS, ids=IMPL_IDS)
 def test_an_overflowed_refresh_is_skipped(flags):
     model = mlp()
     opt = SophiaG(model.parameters(), **HYPER, **flags)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     x, _ = batch(4)
     loss, _ = gnb_loss(model(x), generator=torch.Generator().manual_seed(5))
     scaler.scale(loss).backward()
@@ -149,7 +157,9 @@ def test_an_overflowed_refresh_is_skipped(flags):
 def test_scaler_must_be_a_grad_scaler():
     model = mlp()
     opt = SophiaG(model.parameters())
-    with pytest.raises(TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got float"):
+    with pytest.raises(
+        TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got float"
+    ):
         opt.update_hessian(scaler=1024.0)
 
 
@@ -175,7 +185,10 @@ def test_bf16_parameters_keep_bf16_state_and_round_once(flags):
     opt.step(bs=100)
     ref.step(bs=100)
     state = opt.state[p]
-    assert state["exp_avg"].dtype == torch.bfloat16 and state["hessian"].dtype == torch.bfloat16
+    assert (
+        state["exp_avg"].dtype == torch.bfloat16
+        and state["hessian"].dtype == torch.bfloat16
+    )
     assert torch.equal(p.detach(), q.detach().bfloat16())
     assert torch.equal(state["exp_avg"], ref.state[q]["exp_avg"].bfloat16())
     assert torch.equal(state["hessian"], ref.state[q]["hessian"].bfloat16())

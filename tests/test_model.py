@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sophia import SophiaG
-from sophia.model import GPT, GPTConfig
+from sophia.experiments.model import GPT, GPTConfig
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -77,7 +77,10 @@ def test_default_config_is_about_a_million_parameters():
 @pytest.mark.parametrize(
     "changes, match",
     [
-        (dict(n_embd=100, n_head=3), r"n_embd must be divisible by n_head, got n_embd=100 and n_head=3"),
+        (
+            dict(n_embd=100, n_head=3),
+            r"n_embd must be divisible by n_head, got n_embd=100 and n_head=3",
+        ),
         (dict(n_layer=0), r"GPTConfig.n_layer must be a positive int, got 0"),
         (dict(block_size=-4), r"GPTConfig.block_size must be a positive int, got -4"),
         (dict(vocab_size=2.5), r"GPTConfig.vocab_size must be a positive int, got 2.5"),
@@ -99,7 +102,9 @@ def test_replace_checks_again():
 
 
 def test_sequence_longer_than_block_size_is_refused(model):
-    with pytest.raises(ValueError, match=r"sequence length 17 is longer than block_size=16"):
+    with pytest.raises(
+        ValueError, match=r"sequence length 17 is longer than block_size=16"
+    ):
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
@@ -124,5 +129,7 @@ def test_param_groups_decay_matrices_only(model):
     # Any optimizer takes them.
     torch.optim.AdamW(model.param_groups(0.1), lr=1e-3)
     SophiaG(model.param_groups(0.1), lr=1e-3)
-    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got -1"):
+    with pytest.raises(
+        ValueError, match="weight_decay must be a finite number >= 0, got -1"
+    ):
         model.param_groups(-1)

@@ -20,18 +20,29 @@ from sophia.fused import fused_available
 IMPLS = [dict(foreach=False), dict(foreach=True)]
 if fused_available("cpu"):
     IMPLS.append(dict(fused=True))
-IMPL_IDS = [next(iter(flags)) + "=" + str(next(iter(flags.values()))) for flags in IMPLS]
+IMPL_IDS = [
+    next(iter(flags)) + "=" + str(next(iter(flags.values()))) for flags in IMPLS
+]
 HYPER = dict(lr=0.1, betas=(0.9, 0.99), rho=0.05, weight_decay=0.1)
 
 
 def make_params():
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(3, 4, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()]
+    return [
+        torch.randn(3, 4, generator=gen).requires_grad_(),
+        torch.randn(5, generator=gen).requires_grad_(),
+    ]
 
 
 def snapshot(params, opt):
-    return ([p.detach().clone() for p in params],
-            {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params) if p in opt.state})
+    return (
+        [p.detach().clone() for p in params],
+        {
+            i: {k: v.clone() for k, v in opt.state[p].items()}
+            for i, p in enumerate(params)
+            if p in opt.state
+        },
+    )
 
 
 def assert_unchanged(params, opt, before):
@@ -65,7 +76,10 @@ def test_a_nonfinite_gradient_refuses_the_step_and_changes_nothing(flags, bad):
         p.grad = torch.ones_like(p)
     params[1].grad[2] = bad
     before = snapshot(params, opt)
-    with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[1\] has a gradient with 1 non-finite"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"param_groups\[0\]\['params'\]\[1\] has a gradient with 1 non-finite",
+    ):
         opt.step(bs=8)
     assert_unchanged(params, opt, before)
     # Once the gradient is fixed, training goes on.
@@ -121,7 +135,10 @@ def test_a_nonfinite_sampled_gradient_refuses_the_refresh(flags):
         p.grad = torch.ones_like(p)
     params[0].grad[1, 1] = math.nan
     before = snapshot(params, opt)
-    with pytest.raises(FloatingPointError, match=r"update_hessian refused: param_groups\[0\]\['params'\]\[0\]"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"update_hessian refused: param_groups\[0\]\['params'\]\[0\]",
+    ):
         opt.update_hessian()
     assert_unchanged(params, opt, before)
 
@@ -131,7 +148,10 @@ def test_a_nonfinite_estimate_refuses_or_skips_the_refresh(flags):
     params, opt = warmed_up(flags)
     estimates = [torch.ones(3, 4), torch.tensor([1.0, math.inf, 1.0, 1.0, 1.0])]
     before = snapshot(params, opt)
-    with pytest.raises(FloatingPointError, match=r"estimates\[1\] has a Hessian estimate with 1 non-finite value\(s\) \(inf\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"estimates\[1\] has a Hessian estimate with 1 non-finite value\(s\) \(inf\)",
+    ):
         opt.update_hessian(estimates)
     assert_unchanged(params, opt, before)
     opt.nonfinite = "skip"

@@ -26,9 +26,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
-
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ["01_toy_quadratics", "02_hessian_estimators", "03_small_transformer", "04_cuda_kernel"]
+NOTEBOOKS = [
+    "01_toy_quadratics",
+    "02_hessian_estimators",
+    "03_small_transformer",
+    "04_cuda_kernel",
+]
 REPOSITORY = "literate-sophia/sophia"
 INSTALL_URL = f"git+https://github.com/{REPOSITORY}"
 
@@ -62,9 +66,13 @@ def test_first_cell_has_title_paragraph_and_colab_badge(name):
     first = read(name).cells[0]
     assert first.cell_type == "markdown"
     lines = first.source.strip().splitlines()
-    assert lines[0].startswith("# ") and len(lines[0]) > 5, "the first line is the title"
+    assert lines[0].startswith("# ") and len(lines[0]) > 5, (
+        "the first line is the title"
+    )
     # A paragraph: prose between the title and the badge, not a one-liner.
-    prose = " ".join(line for line in lines[1:] if line.strip() and "colab-badge" not in line)
+    prose = " ".join(
+        line for line in lines[1:] if line.strip() and "colab-badge" not in line
+    )
     assert len(prose) > 200, prose
     badge = (
         "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
@@ -77,7 +85,14 @@ def test_first_cell_has_title_paragraph_and_colab_badge(name):
 def test_second_cell_is_the_setup(name):
     setup = read(name).cells[1]
     assert setup.cell_type == "code"
-    for needed in ('"google.colab"', "pip", "install", INSTALL_URL, "import sophia", "torch.cuda.is_available()"):
+    for needed in (
+        '"google.colab"',
+        "pip",
+        "install",
+        INSTALL_URL,
+        "import sophia",
+        "torch.cuda.is_available()",
+    ):
         assert needed in setup.source, needed
 
 
@@ -140,7 +155,10 @@ def test_setup_cell_installs_from_the_repository_on_colab(name, monkeypatch):
     assert len(calls) == 1
     command = calls[0]
     assert command[:4] == [sys.executable, "-m", "pip", "install"]
-    assert any(arg.startswith("literate-sophia[") and arg.endswith(INSTALL_URL) for arg in command)
+    assert any(
+        arg.startswith("literate-sophia[") and arg.endswith(INSTALL_URL)
+        for arg in command
+    )
     # Colab runs its own Jupyter: the extras are what the notebooks import (labml,
     # matplotlib, ninja for the kernel's build), not the `notebooks` extra, whose `jupyter`
     # would reinstall the notebook server under the running kernel.
@@ -176,11 +194,19 @@ def test_stored_outputs_are_one_clean_run(name):
         for output in cell.outputs:
             assert output.output_type != "error", output
             images += "image/png" in output.get("data", {})
-            text = output.get("text", "") + "".join(str(v) for k, v in output.get("data", {}).items() if k.startswith("text/"))
-            assert len(text) < MAX_TEXT_OUTPUT_CHARS, f"an output of {len(text)} characters"
+            text = output.get("text", "") + "".join(
+                str(v)
+                for k, v in output.get("data", {}).items()
+                if k.startswith("text/")
+            )
+            assert len(text) < MAX_TEXT_OUTPUT_CHARS, (
+                f"an output of {len(text)} characters"
+            )
             # The outputs are published (on GitHub, in the site): no path of the machine
             # that ran them.
-            assert str(NOTEBOOK_DIR.parent) not in text, f"an output shows the checkout's path: {text[:200]}"
+            assert str(NOTEBOOK_DIR.parent) not in text, (
+                f"an output shows the checkout's path: {text[:200]}"
+            )
     assert images >= 1
 
 
@@ -194,7 +220,7 @@ def test_stored_outputs_are_one_clean_run(name):
 # checks the kernel's IPython: labml 0.5.3 imports `display` from `IPython.core.display`,
 # which IPython 9 removed (the package pins `ipython<9` in its extras).
 
-FIGURE_CHECK = r'''
+FIGURE_CHECK = r"""
 import matplotlib.backend_bases as _backend_bases
 
 _figure_problems, _figures_checked = [], []
@@ -226,9 +252,9 @@ def _checked_print_figure(self, *args, **kwargs):
 
 
 _backend_bases.FigureCanvasBase.print_figure = _checked_print_figure
-'''
+"""
 
-FINAL_CHECK = r'''
+FINAL_CHECK = r"""
 assert not _figure_problems, _figure_problems
 assert _figures_checked, "no figure was displayed"
 import IPython
@@ -236,11 +262,14 @@ import IPython
 assert IPython.version_info[0] < 9, IPython.__version__
 from IPython.core.display import display  # what labml 0.5.3 imports
 print(f"{len(_figures_checked)} figures checked; IPython {IPython.__version__}")
-'''
+"""
 
 
 def image_counts(nb: nbformat.NotebookNode) -> list[int]:
-    return [sum("image/png" in o.get("data", {}) for o in cell.outputs) for cell in code_cells(nb)]
+    return [
+        sum("image/png" in o.get("data", {}) for o in cell.outputs)
+        for cell in code_cells(nb)
+    ]
 
 
 @pytest.mark.slow

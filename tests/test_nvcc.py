@@ -22,14 +22,19 @@ KERNEL_SOURCES = [CSRC / "sophia_kernel.cuh", CSRC / "sophia_launcher.cu"]
 
 
 def find_nvcc():
-    for candidate in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc")):
+    for candidate in (
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
+    ):
         if candidate and os.path.exists(candidate):
             return candidate
     return None
 
 
 NVCC = find_nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (install a CUDA toolkit, or set CUDA_HOME)")
+needs_nvcc = pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found (install a CUDA toolkit, or set CUDA_HOME)"
+)
 
 
 def test_there_are_cuda_sources():
@@ -41,8 +46,20 @@ def test_there_are_cuda_sources():
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_compiles_with_plain_nvcc(source, arch, tmp_path):
     result = subprocess.run(
-        [NVCC, "-c", f"-arch={arch}", "-O3", "-Xptxas", "-v", str(source), "-o", str(tmp_path / "out.o")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            NVCC,
+            "-c",
+            f"-arch={arch}",
+            "-O3",
+            "-Xptxas",
+            "-v",
+            str(source),
+            "-o",
+            str(tmp_path / "out.o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.o").stat().st_size > 0
@@ -54,8 +71,14 @@ def test_compiles_with_plain_nvcc(source, arch, tmp_path):
 # `torch.utils.cpp_extension` compiles `.cu` files with these flags (the CUDA build):
 # no implicit half conversions or operators, relaxed constexpr.
 TORCH_NVCC_FLAGS = [
-    "-std=c++17", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "-Xcompiler", "-fPIC",
+    "-std=c++17",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-Xcompiler",
+    "-fPIC",
 ]
 
 
@@ -63,8 +86,19 @@ TORCH_NVCC_FLAGS = [
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_compiles_with_the_flags_torch_uses(source, tmp_path):
     result = subprocess.run(
-        [NVCC, "-c", "-arch=sm_80", "-O3", *TORCH_NVCC_FLAGS, str(source), "-o", str(tmp_path / "out.o")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            NVCC,
+            "-c",
+            "-arch=sm_80",
+            "-O3",
+            *TORCH_NVCC_FLAGS,
+            str(source),
+            "-o",
+            str(tmp_path / "out.o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
 
@@ -84,7 +118,9 @@ def test_ptx_has_no_inter_thread_communication(source, tmp_path):
     ptx = tmp_path / "out.ptx"
     result = subprocess.run(
         [NVCC, "-ptx", "-arch=compute_90", "-O3", str(source), "-o", str(ptx)],
-        capture_output=True, text=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     text = ptx.read_text()
@@ -101,9 +137,22 @@ def strip_comments(source: str) -> str:
 # The source itself, comments removed (the comments state the invariant, and so name
 # what it forbids).
 FORBIDDEN_SOURCE = [
-    "__shared__", "__syncthreads", "__syncwarp", "atomic", "__shfl", "cooperative_groups", "__ballot",
-    "__any_sync", "__all_sync", "__activemask", "__threadfence", "__match", "__reduce_", "cuda::barrier",
-    "asm", "__nanosleep",
+    "__shared__",
+    "__syncthreads",
+    "__syncwarp",
+    "atomic",
+    "__shfl",
+    "cooperative_groups",
+    "__ballot",
+    "__any_sync",
+    "__all_sync",
+    "__activemask",
+    "__threadfence",
+    "__match",
+    "__reduce_",
+    "cuda::barrier",
+    "asm",
+    "__nanosleep",
 ]
 
 
@@ -111,21 +160,41 @@ FORBIDDEN_SOURCE = [
 def test_kernel_source_keeps_the_invariant(source):
     code = strip_comments(source.read_text())
     found = [word for word in FORBIDDEN_SOURCE if word in code]
-    assert not found, f"{source.name} uses {found}: threads must not communicate (see the kernel's invariant)"
+    assert not found, (
+        f"{source.name} uses {found}: threads must not communicate (see the kernel's invariant)"
+    )
 
 
-@pytest.mark.parametrize("source", KERNEL_SOURCES + [CSRC / "sophia_launcher.h", CSRC / "cpu_emulation.h"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "source",
+    KERNEL_SOURCES + [CSRC / "sophia_launcher.h", CSRC / "cpu_emulation.h"],
+    ids=lambda p: p.name,
+)
 def test_launcher_and_kernel_include_no_torch(source):
     includes = re.findall(r"#\s*include\s*[<\"]([^>\"]+)[>\"]", source.read_text())
     assert not [i for i in includes if i.startswith(("torch", "ATen", "c10"))], includes
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler"
+)
 def test_cpu_emulation_compiles_without_torch(tmp_path):
     result = subprocess.run(
-        [os.environ.get("CXX", "c++"), "-std=c++17", "-O1", "-ffp-contract=off", "-Wall", "-Wextra",
-         "-Wno-unknown-pragmas", "-Werror", "-c", str(CSRC / "launcher_cpu.cpp"), "-o", str(tmp_path / "cpu.o")],
-        capture_output=True, text=True,
+        [
+            os.environ.get("CXX", "c++"),
+            "-std=c++17",
+            "-O1",
+            "-ffp-contract=off",
+            "-Wall",
+            "-Wextra",
+            "-Wno-unknown-pragmas",
+            "-Werror",
+            "-c",
+            str(CSRC / "launcher_cpu.cpp"),
+            "-o",
+            str(tmp_path / "cpu.o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr

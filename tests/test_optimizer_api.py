@@ -10,7 +10,9 @@ from sophia import SophiaG, SophiaH
 
 def make_model(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    )
 
 
 def data(seed):
@@ -30,14 +32,21 @@ def train(model, opt, steps, *, start=0, k=5):
         opt.step(bs=16)
         if t % k == k - 1:
             opt.zero_grad(set_to_none=True)
-            sampled, bs = gnb_loss(model(data(10_000 + t)[0]), generator=torch.Generator().manual_seed(t))
+            sampled, bs = gnb_loss(
+                model(data(10_000 + t)[0]), generator=torch.Generator().manual_seed(t)
+            )
             sampled.backward()
             opt.update_hessian()
     return model
 
 
-@pytest.mark.parametrize("save_foreach, load_foreach", [(False, False), (False, True), (True, False), (True, True)])
-def test_state_dict_round_trip_equals_never_stopping(save_foreach, load_foreach, tmp_path):
+@pytest.mark.parametrize(
+    "save_foreach, load_foreach",
+    [(False, False), (False, True), (True, False), (True, True)],
+)
+def test_state_dict_round_trip_equals_never_stopping(
+    save_foreach, load_foreach, tmp_path
+):
     hyper = dict(lr=1e-2, rho=0.05, weight_decay=0.1)
     straight = make_model()
     opt = SophiaG(straight.parameters(), **hyper, foreach=save_foreach)
@@ -46,7 +55,9 @@ def test_state_dict_round_trip_equals_never_stopping(save_foreach, load_foreach,
     first = make_model()
     opt1 = SophiaG(first.parameters(), **hyper, foreach=save_foreach)
     train(first, opt1, 12)
-    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": first.state_dict(), "opt": opt1.state_dict()}, tmp_path / "ckpt.pt"
+    )
 
     second = make_model(seed=99)
     opt2 = SophiaG(second.parameters(), **hyper, foreach=load_foreach)
@@ -72,7 +83,9 @@ def test_state_keys_are_the_authors():
     sd = opt.state_dict()
     assert set(sd["state"][0]) == {"step", "exp_avg", "hessian"}
     assert sd["state"][0]["step"].dtype == torch.float32
-    assert {"lr", "betas", "rho", "weight_decay", "maximize", "capturable"} <= set(sd["param_groups"][0])
+    assert {"lr", "betas", "rho", "weight_decay", "maximize", "capturable"} <= set(
+        sd["param_groups"][0]
+    )
 
 
 def test_loads_a_checkpoint_written_by_the_authors_optimizer():
@@ -88,10 +101,15 @@ def test_loads_a_checkpoint_written_by_the_authors_optimizer():
         state["step"] = float(state["step"])
     fresh = SophiaG(model.parameters())
     fresh.load_state_dict(sd)
-    assert fresh.param_groups[0]["foreach"] is None and fresh.param_groups[0]["eps"] == 1e-15
+    assert (
+        fresh.param_groups[0]["foreach"] is None
+        and fresh.param_groups[0]["eps"] == 1e-15
+    )
     assert fresh.param_groups[0]["lr"] == 3e-4
     p = next(model.parameters())
-    assert torch.is_tensor(fresh.state[p]["step"]) and fresh.state[p]["step"].item() == 6
+    assert (
+        torch.is_tensor(fresh.state[p]["step"]) and fresh.state[p]["step"].item() == 6
+    )
     p.grad = torch.ones_like(p)
     fresh.step()
 
@@ -101,7 +119,7 @@ def test_lr_scheduler_drives_the_learning_rate():
     # (a sign step), so the schedule can be read off the parameter.
     p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = SophiaG([p], lr=1.0, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
     positions = []
     for _ in range(4):
         p.grad = torch.ones(1, dtype=torch.float64)
@@ -157,14 +175,14 @@ def test_sophiah_estimates_the_curvature_of_x_squared_as_two():
     # beta2 = 0 the stored hessian is one Hutchinson estimate, exact for a diagonal H.
     x = torch.randn(7, requires_grad=True)
     opt = SophiaH([x], betas=(0.9, 0.0))
-    opt.update_hessian(loss=(x ** 2).sum())
+    opt.update_hessian(loss=(x**2).sum())
     torch.testing.assert_close(opt.state[x]["hessian"], torch.full((7,), 2.0))
 
 
 def test_sophiah_maximize_negates_the_estimate():
     x = torch.randn(3, requires_grad=True)
     opt = SophiaH([x], betas=(0.9, 0.0), maximize=True)
-    opt.update_hessian(loss=-(x ** 2).sum())
+    opt.update_hessian(loss=-(x**2).sum())
     torch.testing.assert_close(opt.state[x]["hessian"], torch.full((3,), 2.0))
 
 
@@ -172,6 +190,6 @@ def test_sophiah_skips_frozen_parameters():
     x = torch.randn(3, requires_grad=True)
     frozen = torch.randn(3, requires_grad=False)
     opt = SophiaH([x, frozen], betas=(0.9, 0.0))
-    opt.update_hessian(loss=(x ** 2).sum() + (frozen * x).sum())
+    opt.update_hessian(loss=(x**2).sum() + (frozen * x).sum())
     assert frozen not in opt.state
     torch.testing.assert_close(opt.state[x]["hessian"], torch.full((3,), 2.0))

@@ -37,25 +37,40 @@ if fused_available("cpu"):
     IMPLS["fused"] = dict(fused=True)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
-SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
-shapes = st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple), min_size=1, max_size=3)
-hyper = st.fixed_dictionaries(dict(
-    lr=st.floats(0.0, 1.0),
-    betas=st.tuples(st.floats(0.0, 0.999), st.floats(0.0, 0.999)),
-    rho=st.floats(1e-3, 10.0),
-    weight_decay=st.floats(0.0, 1.0),
-    eps=st.sampled_from([1e-15, 1e-8, 1e-3]),
-    maximize=st.booleans(),
-))
+shapes = st.lists(
+    st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple),
+    min_size=1,
+    max_size=3,
+)
+hyper = st.fixed_dictionaries(
+    dict(
+        lr=st.floats(0.0, 1.0),
+        betas=st.tuples(st.floats(0.0, 0.999), st.floats(0.0, 0.999)),
+        rho=st.floats(1e-3, 10.0),
+        weight_decay=st.floats(0.0, 1.0),
+        eps=st.sampled_from([1e-15, 1e-8, 1e-3]),
+        maximize=st.booleans(),
+    )
+)
 # An operation: a step with `bs`, a refresh from the gradients (Sophia-G's), or a refresh
 # from signed estimates (Hutchinson's may be negative). Each carries the seed and the
 # order of magnitude of the random values it draws.
 operations = st.lists(
-    st.tuples(st.sampled_from(["step", "refresh", "estimates"]), st.integers(0, 2**31 - 1),
-              st.integers(-6, 3), st.floats(1.0, 1e6)),
-    min_size=1, max_size=8,
+    st.tuples(
+        st.sampled_from(["step", "refresh", "estimates"]),
+        st.integers(0, 2**31 - 1),
+        st.integers(-6, 3),
+        st.floats(1.0, 1e6),
+    ),
+    min_size=1,
+    max_size=8,
 )
 
 
@@ -65,8 +80,16 @@ def draw(shape_list, dtype, seed, scale):
     real = torch.float32 if dtype == torch.complex64 else dtype
     out = []
     for shape in shape_list:
-        t = (torch.rand(shape + ((2,) if dtype.is_complex else ()), generator=gen, dtype=torch.float64) * 2 - 1)
-        t = (t * 10.0 ** scale).to(real)
+        t = (
+            torch.rand(
+                shape + ((2,) if dtype.is_complex else ()),
+                generator=gen,
+                dtype=torch.float64,
+            )
+            * 2
+            - 1
+        )
+        t = (t * 10.0**scale).to(real)
         out.append(torch.view_as_complex(t.contiguous()) if dtype.is_complex else t)
     return out
 
@@ -112,7 +135,9 @@ def test_all_implementations_agree_bit_for_bit(shape_list, dtype, h, ops):
             if q in ref_opt.state:
                 for key in ("step", "exp_avg", "hessian"):
                     a, b = real(opt.state[p][key]), real(ref_opt.state[q][key])
-                    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), (name, key)
+                    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(
+                        a.nan_to_num(), b.nan_to_num()
+                    ), (name, key)
 
 
 # The bound of property 2, per real coordinate, with one rounding of the stored result:
@@ -142,6 +167,6 @@ def check_finite(name, before, after, h):
 @given(shape_list=shapes, dtype=st.sampled_from(DTYPES), h=hyper, ops=operations)
 def test_finite_inputs_never_give_a_nonfinite_parameter(shape_list, dtype, h, ops):
     runs = run(shape_list, dtype, h, ops, check=check_finite)
-    for params, opt in runs.values():
+    for _params, opt in runs.values():
         for state in opt.state.values():
             assert bool(torch.isfinite(real(state["exp_avg"])).all())

@@ -27,14 +27,29 @@ def test_two_element_example_worked_by_hand():
     exp_avg = torch.zeros(2, dtype=torch.float64)
     hessian = torch.tensor([0.1, 0.001], dtype=torch.float64)
     step = one_step(
-        param, grad, exp_avg, hessian,
-        lr=0.1, beta1=0.9, rho=0.5, bs=2, weight_decay=0.1, eps=1e-15, maximize=False,
+        param,
+        grad,
+        exp_avg,
+        hessian,
+        lr=0.1,
+        beta1=0.9,
+        rho=0.5,
+        bs=2,
+        weight_decay=0.1,
+        eps=1e-15,
+        maximize=False,
     )
-    torch.testing.assert_close(param, torch.tensor([0.94, -1.88], dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(exp_avg, torch.tensor([0.05, -0.01], dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        param, torch.tensor([0.94, -1.88], dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        exp_avg, torch.tensor([0.05, -0.01], dtype=torch.float64), rtol=0, atol=1e-15
+    )
     assert step.item() == 1.0
     # The Hessian EMA is not touched by a step.
-    torch.testing.assert_close(hessian, torch.tensor([0.1, 0.001], dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(
+        hessian, torch.tensor([0.1, 0.001], dtype=torch.float64), rtol=0, atol=0
+    )
 
 
 def test_negative_and_zero_curvature_give_a_sign_step():
@@ -47,8 +62,22 @@ def test_negative_and_zero_curvature_give_a_sign_step():
     grad = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
     exp_avg = torch.zeros(3, dtype=torch.float64)
     hessian = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
-    one_step(param, grad, exp_avg, hessian, lr=0.1, beta1=0.9, rho=0.5, bs=1, weight_decay=0.0, eps=1e-15, maximize=False)
-    torch.testing.assert_close(param, torch.tensor([0.9, 1.1, 1.0], dtype=torch.float64), rtol=0, atol=1e-15)
+    one_step(
+        param,
+        grad,
+        exp_avg,
+        hessian,
+        lr=0.1,
+        beta1=0.9,
+        rho=0.5,
+        bs=1,
+        weight_decay=0.0,
+        eps=1e-15,
+        maximize=False,
+    )
+    torch.testing.assert_close(
+        param, torch.tensor([0.9, 1.1, 1.0], dtype=torch.float64), rtol=0, atol=1e-15
+    )
 
 
 def test_maximize_is_a_step_on_the_negated_gradient():
@@ -78,7 +107,9 @@ def test_reparameterizations_are_the_same_rule():
     # Ours: eta * clip(m / max(rho h, eps), 1) with eta = rho' eta', rho = rho', eps = rho' eps'.
     torch.manual_seed(0)
     m = torch.randn(1000, dtype=torch.float64)
-    h = torch.rand(1000, dtype=torch.float64) * torch.logspace(-6, 2, 1000, dtype=torch.float64)
+    h = torch.rand(1000, dtype=torch.float64) * torch.logspace(
+        -6, 2, 1000, dtype=torch.float64
+    )
     eta_old, rho_old, eps_old = 1e-3, 0.05, 1e-12
     old = eta_old * (m / h.clamp(min=eps_old)).clamp(-rho_old, rho_old)
     eta, rho, eps = rho_old * eta_old, rho_old, rho_old * eps_old
@@ -115,8 +146,17 @@ def test_matches_the_authors_formula_over_hundreds_of_steps(foreach):
             p.grad = g.clone()
         opt.step(bs=bs)
         for p, g, m, h in zip(theirs, grads, exp_avgs, hessians):
-            authors_formula(p, g, m, h, lr=hyper["lr"], beta1=hyper["betas"][0], rho=hyper["rho"], bs=bs,
-                            weight_decay=hyper["weight_decay"])
+            authors_formula(
+                p,
+                g,
+                m,
+                h,
+                lr=hyper["lr"],
+                beta1=hyper["betas"][0],
+                rho=hyper["rho"],
+                bs=bs,
+                weight_decay=hyper["weight_decay"],
+            )
         if t % 10 == 9:
             sampled = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
             for p, g in zip(ours, sampled):
@@ -139,7 +179,9 @@ def test_clip_of_the_ratio_equals_the_authors_sign_times_min_bitwise():
     gen = torch.Generator().manual_seed(2)
     m = torch.randn(100_000, generator=gen) * torch.logspace(-20, 5, 100_000)
     m[::97] = 0.0
-    d = (torch.rand(100_000, generator=gen) * torch.logspace(-15, 5, 100_000).flip(0)).clamp(min=1e-15)
+    d = (
+        torch.rand(100_000, generator=gen) * torch.logspace(-15, 5, 100_000).flip(0)
+    ).clamp(min=1e-15)
     ours = (m / d).clamp(min=-1, max=1)
     theirs = m.sign() * (m.abs() / d).clamp(max=1)
     assert torch.equal(ours, theirs)

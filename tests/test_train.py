@@ -13,17 +13,47 @@ import pytest
 import torch
 
 import sophia
-import sophia.train as train_module
-from sophia.data import Corpus, load_corpus
-from sophia.model import GPTConfig
-from sophia.train import RunResult, TrainConfig, compare, lr_at, main, steps_to_reach, summarize, train
+import sophia.experiments.train as train_module
+from sophia.experiments.data import Corpus, load_corpus
+from sophia.experiments.model import GPTConfig
+from sophia.experiments.train import (
+    RunResult,
+    TrainConfig,
+    compare,
+    lr_at,
+    main,
+    steps_to_reach,
+    summarize,
+    train,
+)
 
 TINY_MODEL = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 TINY = TrainConfig(
-    model=TINY_MODEL, batch_size=8, steps=30, eval_interval=10, eval_iters=2, verbose=False, lr=1e-2,
+    model=TINY_MODEL,
+    batch_size=8,
+    steps=30,
+    eval_interval=10,
+    eval_iters=2,
+    verbose=False,
+    lr=1e-2,
 )
-TINY_ARGS = ["--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
-             "--batch-size", "4", "--eval-iters", "1", "--eval-interval", "2", "--quiet"]
+TINY_ARGS = [
+    "--block-size",
+    "16",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "1",
+    "--eval-interval",
+    "2",
+    "--quiet",
+]
 PACKAGE_DIR = Path(sophia.__file__).resolve().parent
 
 
@@ -70,7 +100,11 @@ def test_same_seed_gives_identical_losses(corpus):
     a = run(corpus, optimizer="sophiag", steps=12, seed=3)
     b = run(corpus, optimizer="sophiag", steps=12, seed=3)
     c = run(corpus, optimizer="sophiag", steps=12, seed=4)
-    assert a.train_losses == b.train_losses and a.val_losses == b.val_losses and a.win_rates == b.win_rates
+    assert (
+        a.train_losses == b.train_losses
+        and a.val_losses == b.val_losses
+        and a.win_rates == b.win_rates
+    )
     assert a.train_losses != c.train_losses
 
 
@@ -88,7 +122,9 @@ def test_every_optimizer_sees_the_same_batches(corpus, monkeypatch):
     losses = {}
     for optimizer in ("adamw", "sophiag"):
         seen.append([])
-        losses[optimizer] = run(corpus, optimizer=optimizer, steps=12, seed=1, hess_interval=5)
+        losses[optimizer] = run(
+            corpus, optimizer=optimizer, steps=12, seed=1, hess_interval=5
+        )
     adamw, sophiag = seen
     # Sophia-G draws a refresh batch after every fifth step; the others are the
     # training batches, the same as AdamW's, in the same order.
@@ -118,7 +154,9 @@ def test_fused_follows_the_reference(corpus):
         pytest.skip(f"the CPU build of the fused kernel is unavailable: {error}")
     ref = run(corpus, optimizer="sophiag", impl="reference", steps=20, hess_interval=5)
     fu = run(corpus, optimizer="sophiag", impl="fused", steps=20, hess_interval=5)
-    torch.testing.assert_close(torch.tensor(fu.train_losses), torch.tensor(ref.train_losses), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(fu.train_losses), torch.tensor(ref.train_losses), rtol=1e-4, atol=0
+    )
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
@@ -138,8 +176,14 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 @pytest.mark.parametrize(
     "changes, match",
     [
-        (dict(optimizer="sgd"), r"optimizer must be one of adamw, sophiag, sophiah, got 'sgd'"),
-        (dict(impl="cuda"), r"impl must be one of reference, foreach, fused \(or None\), got 'cuda'"),
+        (
+            dict(optimizer="sgd"),
+            r"optimizer must be one of adamw, sophiag, sophiah, got 'sgd'",
+        ),
+        (
+            dict(impl="cuda"),
+            r"impl must be one of reference, foreach, fused \(or None\), got 'cuda'",
+        ),
         (dict(steps=0), r"steps must be an int >= 1, got 0"),
         (dict(seq_len=17), r"seq_len=17 is longer than the model's block_size=16"),
         (dict(lr=-1.0), r"lr must be > 0, got -1.0"),
@@ -163,8 +207,14 @@ def test_steps_to_reach_interpolates_between_evaluations():
 
 def cli(*args, cwd=None, env=None):
     env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "sophia.train", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sophia.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(stderr, match):
@@ -177,7 +227,10 @@ def assert_one_line_error(stderr, match):
     "args, match",
     [
         (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
-        (["--n-embd", "100", "--n-head", "3"], "n_embd must be divisible by n_head, got n_embd=100 and n_head=3"),
+        (
+            ["--n-embd", "100", "--n-head", "3"],
+            "n_embd must be divisible by n_head, got n_embd=100 and n_head=3",
+        ),
     ],
 )
 def test_cli_refuses_bad_input_in_one_line(tmp_path, args, match):
@@ -201,7 +254,11 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, args, match):
 def test_cli_bad_input_messages_and_exit_codes(tmp_path, capsys, args, code, match):
     (tmp_path / "tiny.txt").write_text("too short")
     (tmp_path / "file").write_text("")
-    paths = dict(tiny=tmp_path / "tiny.txt", missing=tmp_path / "missing.txt", file=tmp_path / "file")
+    paths = dict(
+        tiny=tmp_path / "tiny.txt",
+        missing=tmp_path / "missing.txt",
+        file=tmp_path / "file",
+    )
     args = [a.format(**paths) for a in args]
     argv = args if "--out" in args else ["--out", str(tmp_path / "out"), *args]
     try:
@@ -212,7 +269,9 @@ def test_cli_bad_input_messages_and_exit_codes(tmp_path, capsys, args, code, mat
     assert_one_line_error(capsys.readouterr().err, match)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere"
+)
 def test_cli_refuses_an_unwritable_output_directory(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -226,31 +285,60 @@ def test_cli_refuses_an_unwritable_output_directory(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "lr, match",
-    [("sgd=1e-3", "--lr takes OPTIMIZER=LR"), ("adamw=fast", "'fast' is not a number"),
-     ("adamw=-1", "--lr adamw must be > 0"), ("sophiah=1e-3", "sophiah is not among --optimizers")],
+    [
+        ("sgd=1e-3", "--lr takes OPTIMIZER=LR"),
+        ("adamw=fast", "'fast' is not a number"),
+        ("adamw=-1", "--lr adamw must be > 0"),
+        ("sophiah=1e-3", "sophiah is not among --optimizers"),
+    ],
 )
 def test_compare_refuses_bad_learning_rates(tmp_path, capsys, lr, match):
-    args = ["compare", "--optimizers", "adamw", "sophiag", "--lr", lr, "--out", str(tmp_path), *TINY_ARGS]
+    args = [
+        "compare",
+        "--optimizers",
+        "adamw",
+        "sophiag",
+        "--lr",
+        lr,
+        "--out",
+        str(tmp_path),
+        *TINY_ARGS,
+    ]
     assert main(args) == 2
     assert_one_line_error(capsys.readouterr().err, match)
 
 
-def test_a_missing_optional_package_is_named_before_training(tmp_path, capsys, monkeypatch):
+def test_a_missing_optional_package_is_named_before_training(
+    tmp_path, capsys, monkeypatch
+):
     real = train_module.importlib.util.find_spec
-    monkeypatch.setattr(train_module.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    monkeypatch.setattr(train_module, "compare", lambda *a, **k: pytest.fail("trained before checking"))
+    monkeypatch.setattr(
+        train_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
+    monkeypatch.setattr(
+        train_module, "compare", lambda *a, **k: pytest.fail("trained before checking")
+    )
     assert main(["compare", "--out", str(tmp_path), *TINY_ARGS]) == 1
-    assert_one_line_error(capsys.readouterr().err, "the figure of compare needs the matplotlib package")
+    assert_one_line_error(
+        capsys.readouterr().err, "the figure of compare needs the matplotlib package"
+    )
 
 
 def test_compare_refuses_repeated_seeds(tmp_path, capsys):
-    assert main(["compare", "--seeds", "1", "1", "--out", str(tmp_path), *TINY_ARGS]) == 2
+    assert (
+        main(["compare", "--seeds", "1", "1", "--out", str(tmp_path), *TINY_ARGS]) == 2
+    )
     assert_one_line_error(capsys.readouterr().err, "--seeds must be distinct")
 
 
 def snapshot(root: Path) -> dict[str, float]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if "__pycache__" not in p.parts
+    }
 
 
 def test_labml_writes_only_under_out(tmp_path):
@@ -259,13 +347,31 @@ def test_labml_writes_only_under_out(tmp_path):
     cwd.mkdir()
     home.mkdir()
     package_before = snapshot(PACKAGE_DIR)
-    env = {**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1", "labml_app_url": ""}
-    result = cli("--optimizer", "sophiag", "--steps", "4", "--hess-interval", "2", "--out", str(out), *TINY_ARGS,
-                 cwd=cwd, env=env)
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "labml_app_url": "",
+    }
+    result = cli(
+        "--optimizer",
+        "sophiag",
+        "--steps",
+        "4",
+        "--hess-interval",
+        "2",
+        "--out",
+        str(out),
+        *TINY_ARGS,
+        cwd=cwd,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert list(cwd.iterdir()) == [], "labml wrote into the working directory"
     assert list(home.iterdir()) == [], "labml wrote into the home directory"
-    assert snapshot(PACKAGE_DIR) == package_before, "something was written into the package"
+    assert snapshot(PACKAGE_DIR) == package_before, (
+        "something was written into the package"
+    )
     runs = list((out / "logs" / "sophiag-seed0").iterdir())
     assert len(runs) == 1 and (runs[0] / "run.yaml").is_file()
     assert (out / "sophiag-seed0.json").is_file()
@@ -275,8 +381,24 @@ def test_compare_writes_the_figure_and_tables(tmp_path, capsys):
     pytest.importorskip("labml")
     pytest.importorskip("matplotlib")
     out = tmp_path / "compare"
-    assert main(["compare", "--steps", "4", "--hess-interval", "2", "--seeds", "0", "1", "--out", str(out),
-                 *TINY_ARGS]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--steps",
+                "4",
+                "--hess-interval",
+                "2",
+                "--seeds",
+                "0",
+                "1",
+                "--out",
+                str(out),
+                *TINY_ARGS,
+            ]
+        )
+        == 0
+    )
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
@@ -284,7 +406,10 @@ def test_compare_writes_the_figure_and_tables(tmp_path, capsys):
     assert [r["optimizer"] for r in rows] == ["adamw", "sophiag", "sophiah"]
     assert all(r["seeds"] == "2" and r["baseline"] == "adamw" for r in rows)
     assert rows[0]["hessian_overhead_pct"] == "0.0" and rows[0]["win_rate_mean"] == ""
-    assert float(rows[1]["hessian_overhead_pct"]) > 0 and 0 <= float(rows[1]["win_rate_mean"]) <= 1
+    assert (
+        float(rows[1]["hessian_overhead_pct"]) > 0
+        and 0 <= float(rows[1]["win_rate_mean"]) <= 1
+    )
     table = (out / "compare.md").read_text()
     assert "| " + " | ".join(train_module.MARKDOWN_HEADER) + " |" in table
     for name in ("adamw", "sophiag", "sophiah"):
@@ -293,8 +418,13 @@ def test_compare_writes_the_figure_and_tables(tmp_path, capsys):
 
 
 def test_summary_compares_with_the_baseline(corpus):
-    results = compare(dataclasses.replace(TINY, steps=10, eval_interval=5), ["adamw", "sophiag"], [0], corpus=corpus,
-                      overrides={"adamw": {"lr": 3e-3}})
+    results = compare(
+        dataclasses.replace(TINY, steps=10, eval_interval=5),
+        ["adamw", "sophiag"],
+        [0],
+        corpus=corpus,
+        overrides={"adamw": {"lr": 3e-3}},
+    )
     assert results[0].config["lr"] == 3e-3 and results[1].config["lr"] == TINY.lr
     rows = summarize(results)
     assert [r["optimizer"] for r in rows] == ["adamw", "sophiag"]
@@ -310,8 +440,12 @@ def test_summary_compares_with_the_baseline(corpus):
 
 
 def test_importing_the_trainer_imports_neither_labml_nor_ipython():
-    code = "import sys, sophia.train; assert not {'labml', 'IPython', 'matplotlib'} & set(sys.modules), sys.modules.keys()"
-    result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True)
+    code = "import sys, sophia.experiments.train; assert not {'labml', 'IPython', 'matplotlib'} & set(sys.modules), sys.modules.keys()"
+    result = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", code],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -322,10 +456,14 @@ def test_labml_notebook_output_works_with_ipython_9(tmp_path):
     core.mkdir(parents=True)
     (tmp_path / "IPython" / "__init__.py").write_text("")
     (core / "__init__.py").write_text("")
-    (core / "display.py").write_text("class HTML:\n    def __init__(self, data):\n        self.data = data\n")
-    (core / "display_functions.py").write_text("def display(*objs, **kwargs):\n    return objs\n")
+    (core / "display.py").write_text(
+        "class HTML:\n    def __init__(self, data):\n        self.data = data\n"
+    )
+    (core / "display_functions.py").write_text(
+        "def display(*objs, **kwargs):\n    return objs\n"
+    )
     code = (
-        "import IPython.core.display, sophia.train\n"
+        "import IPython.core.display, sophia.experiments.train\n"
         "try:\n"
         "    import labml.internal.logger.destinations.ipynb\n"
         "except ImportError:\n"
@@ -335,9 +473,16 @@ def test_labml_notebook_output_works_with_ipython_9(tmp_path):
         "import sys\n"
         "for name in [m for m in sys.modules if m.startswith('labml.internal.logger.destinations.ipynb')]:\n"
         "    del sys.modules[name]\n"
-        "sophia.train._ipython_shim()\n"
+        "sophia.experiments.train._ipython_shim()\n"
         "import labml.internal.logger.destinations.ipynb\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr

@@ -87,7 +87,13 @@ log = logging.getLogger("mkdocs.hooks.literate")
 # two pages.
 REPOSITORY = "https://github.com/literate-sophia/sophia"
 BRANCH = "main"
-SOURCE_SUFFIXES = {".py": "python", ".cu": "cpp", ".cuh": "cpp", ".cpp": "cpp", ".h": "cpp"}
+SOURCE_SUFFIXES = {
+    ".py": "python",
+    ".cu": "cpp",
+    ".cuh": "cpp",
+    ".cpp": "cpp",
+    ".h": "cpp",
+}
 COMMENT_MARKERS = {"python": "#", "cpp": "//"}
 
 # A relative link `name.html` in a module's prose is a link to another module's page;
@@ -164,9 +170,13 @@ def split_front_matter(text: str) -> tuple[dict, str]:
         if lines[end].strip() == "---":
             meta = yaml.safe_load("\n".join(lines[1:end])) or {}
             if not isinstance(meta, dict):
-                raise ValueError(f"front matter must be a mapping of keys to values, got {meta!r}")
+                raise ValueError(
+                    f"front matter must be a mapping of keys to values, got {meta!r}"
+                )
             return meta, "\n".join(lines[end + 1 :]).strip("\n")
-    raise ValueError("front matter opens with '---' but is never closed by another '---'")
+    raise ValueError(
+        "front matter opens with '---' but is never closed by another '---'"
+    )
 
 
 # ## Comments, by the lexer
@@ -207,7 +217,9 @@ def python_docstrings(source: str) -> tuple[str | None, set[int], dict[int, str]
     tree = ast.parse(source)
     module_doc, hidden, docs = None, set(), {}
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        if not isinstance(
+            node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        ):
             continue
         text = ast.get_docstring(node, clean=True)
         if text is None:
@@ -282,12 +294,20 @@ def resolve_links(text: str, source: str, page: str, pages: dict[str, str]) -> s
     here = posixpath.dirname(page)
 
     def replace(match: re.Match) -> str:
-        stem = posixpath.normpath(posixpath.join(posixpath.dirname(source), match.group(1)))
+        stem = posixpath.normpath(
+            posixpath.join(posixpath.dirname(source), match.group(1))
+        )
         for suffix in LINK_PREFERENCE:
             target = pages.get(stem + suffix)
             if target is not None:
-                return f"]({posixpath.relpath(target, here or '.')}{match.group(2) or ''})"
-        log.warning("literate: %s links to %s.html, which is no source file", source, match.group(1))
+                return (
+                    f"]({posixpath.relpath(target, here or '.')}{match.group(2) or ''})"
+                )
+        log.warning(
+            "literate: %s links to %s.html, which is no source file",
+            source,
+            match.group(1),
+        )
         return match.group(0)
 
     return HTML_LINK.sub(replace, text)
@@ -317,7 +337,9 @@ class DisplayMathProcessor(InlineProcessor):
 
 class DisplayMathExtension(Extension):
     def extendMarkdown(self, md):
-        md.inlinePatterns.register(DisplayMathProcessor(DISPLAY_MATH, md), "display-math-inline", 189.95)
+        md.inlinePatterns.register(
+            DisplayMathProcessor(DISPLAY_MATH, md), "display-math-inline", 189.95
+        )
 
 
 # ## The page, in Markdown
@@ -330,16 +352,25 @@ class DisplayMathExtension(Extension):
 # `div` in two halves: its prose, rendered by Markdown (`md_in_html`), and an empty
 # code `div` that `on_page_content` fills, so that Markdown never sees the code.
 def to_markdown(
-    lit: Literate, source: str, page: str, source_url: str, notebooks: list[str], pages: dict[str, str]
+    lit: Literate,
+    source: str,
+    page: str,
+    source_url: str,
+    notebooks: list[str],
+    pages: dict[str, str],
 ) -> str:
     title = str(lit.meta.get("title") or source)
     summary = str(lit.meta.get("summary") or "")
-    front = yaml.safe_dump({"title": title, "description": summary, "hide": ["navigation"]}, sort_keys=True)
+    front = yaml.safe_dump(
+        {"title": title, "description": summary, "hide": ["navigation"]}, sort_keys=True
+    )
     here = posixpath.dirname(page)
     links = [f"[Source on GitHub]({source_url})"]
     for name in notebooks:
         target = posixpath.relpath(f"notebooks/{name}", here)
-        links.append(f"[Notebook {name[:2].lstrip('0')}: {name[3:-6].replace('_', ' ')}]({target})")
+        links.append(
+            f"[Notebook {name[:2].lstrip('0')}: {name[3:-6].replace('_', ' ')}]({target})"
+        )
     intro = lit.intro
     first, _, rest = intro.partition("\n")
     if first.strip() == f"# {title}":
@@ -415,7 +446,11 @@ def source_pages(root: pathlib.Path) -> dict[str, tuple[pathlib.Path, str, str]]
         name = rel[: -len(path.suffix)] if path.suffix == ".py" else rel
         found[rel] = (path, f"code/{name}.md", f"sophia/{rel}")
     hook = pathlib.Path(__file__).resolve()
-    found["hooks/literate.py"] = (hook, "code/hooks/literate.md", hook.relative_to(root).as_posix())
+    found["hooks/literate.py"] = (
+        hook,
+        "code/hooks/literate.md",
+        hook.relative_to(root).as_posix(),
+    )
     return found
 
 
@@ -433,12 +468,25 @@ def on_files(files: Files, config) -> Files:
             lit = parse(text, language)
         except (SyntaxError, ValueError) as error:
             raise ValueError(f"literate: cannot parse {repo_path}: {error}") from error
-        notebooks = [NOTEBOOKS[i] for i in related_notebooks(page) if NOTEBOOKS[i] in present]
+        notebooks = [
+            NOTEBOOKS[i] for i in related_notebooks(page) if NOTEBOOKS[i] in present
+        ]
         url = f"{REPOSITORY}/blob/{BRANCH}/{repo_path}"
         _parsed[page] = (lit, highlight_lines(text, language))
-        files.append(File.generated(config, page, content=to_markdown(lit, rel, page, url, notebooks, pages)))
+        files.append(
+            File.generated(
+                config, page, content=to_markdown(lit, rel, page, url, notebooks, pages)
+            )
+        )
     for name in present:
-        files.append(File(f"notebooks/{name}", str(root), config.site_dir, config.use_directory_urls))
+        files.append(
+            File(
+                f"notebooks/{name}",
+                str(root),
+                config.site_dir,
+                config.use_directory_urls,
+            )
+        )
     for uri, path in site_assets(root).items():
         files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
@@ -476,16 +524,29 @@ def site_assets(root: pathlib.Path) -> dict[str, pathlib.Path]:
         cache.mkdir(parents=True, exist_ok=True)
         for name in ("package.json", "package-lock.json"):
             shutil.copyfile(manifest / name, cache / name)
-        log.info("literate: installing the site's npm packages with npm ci into %s", cache)
+        log.info(
+            "literate: installing the site's npm packages with npm ci into %s", cache
+        )
         subprocess.run(
-            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"], cwd=cache, check=True
+            [
+                npm,
+                "ci",
+                "--ignore-scripts",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+            ],
+            cwd=cache,
+            check=True,
         )
     modules = cache / "node_modules"
     dist = modules / "katex" / "dist"
     out = {
         "assets/katex/katex.min.js": dist / "katex.min.js",
         "assets/katex/katex.min.css": dist / "katex.min.css",
-        "assets/katex/contrib/auto-render.min.js": dist / "contrib" / "auto-render.min.js",
+        "assets/katex/contrib/auto-render.min.js": dist
+        / "contrib"
+        / "auto-render.min.js",
         "assets/iframe-worker/shim.js": modules / "iframe-worker" / "shim" / "index.js",
     }
     for font in sorted((dist / "fonts").glob("*.woff2")):
@@ -505,13 +566,16 @@ NOTEBOOK_SCRIPTS = [
     re.compile(r'<script[^>]*\ssrc="(?:(?:https?:)?//[^"]*)?"[^>]*>\s*</script>\s*'),
     re.compile(r'<script type="text/x-mathjax-config">.*?</script>\s*', re.S),
     re.compile(
-        r'<script type="module">(?:(?!</script>).)*?cdnjs\.cloudflare\.com/ajax/libs/mermaid.*?</script>\s*', re.S
+        r'<script type="module">(?:(?!</script>).)*?cdnjs\.cloudflare\.com/ajax/libs/mermaid.*?</script>\s*',
+        re.S,
     ),
 ]
 
 # The notebooks open with an "Open in Colab" badge, an image that Colab serves. On the
 # site the link stays and the image becomes a badge drawn by our stylesheet.
-COLAB_BADGE = re.compile(r'<img[^>]*src="https://colab\.research\.google\.com/assets/colab-badge\.svg"[^>]*>')
+COLAB_BADGE = re.compile(
+    r'<img[^>]*src="https://colab\.research\.google\.com/assets/colab-badge\.svg"[^>]*>'
+)
 
 
 def on_page_content(html: str, page, config, files) -> str:
@@ -520,7 +584,10 @@ def on_page_content(html: str, page, config, files) -> str:
     if parsed is not None:
         lit, lines = parsed
         return CODE_DIV.sub(
-            lambda m: f'<div class="literate-code">{code_html(lit.sections[int(m.group(1))], lines)}</div>', html
+            lambda m: (
+                f'<div class="literate-code">{code_html(lit.sections[int(m.group(1))], lines)}</div>'
+            ),
+            html,
         )
     if page.file.src_uri.endswith(".ipynb"):
         for script in NOTEBOOK_SCRIPTS:
@@ -547,7 +614,11 @@ def local_links(html: str, here: str, site_url: str, files) -> str:
 
     def replace(match: re.Match) -> str:
         path = match.group(2)
-        for target in (path or "index.html", path.rstrip("/") + ".html", path + "index.html"):
+        for target in (
+            path or "index.html",
+            path.rstrip("/") + ".html",
+            path + "index.html",
+        ):
             if target in built:
                 relative = posixpath.relpath(target, posixpath.dirname(here) or ".")
                 return f'{match.group(1)}="{relative}{match.group(3) or ""}"'
@@ -565,14 +636,19 @@ REDIRECT = (
 
 def write_redirects(site: pathlib.Path, pages: list[tuple[str, str]]) -> None:
     for dest, title in pages:
-        if not dest.endswith(".html") or posixpath.basename(dest) in ("index.html", "404.html"):
+        if not dest.endswith(".html") or posixpath.basename(dest) in (
+            "index.html",
+            "404.html",
+        ):
             continue
         stub = site / dest[: -len(".html")] / "index.html"
         if stub.exists():
             continue
         stub.parent.mkdir(parents=True, exist_ok=True)
         target = f"../{posixpath.basename(dest)}"
-        stub.write_text(REDIRECT.format(title=html_escape(title), target=target), encoding="utf-8")
+        stub.write_text(
+            REDIRECT.format(title=html_escape(title), target=target), encoding="utf-8"
+        )
 
 
 _pages: list[tuple[str, str]] = []

@@ -12,18 +12,18 @@ ships *inside the package*, and a download is only ever an option.
 
 ## The corpus: the docstrings of Python's standard library
 
-`sophia/data/stdlib_docstrings.txt.gz` holds the docstrings (module, class, function
+`sophia/experiments/corpora/stdlib_docstrings.txt.gz` holds the docstrings (module, class, function
 and method) of a fixed list of modules of Python's standard library, `STDLIB_MODULES`,
 in that order, each under its qualified name. It was extracted from the sources of
 CPython 3.11.7 by `build_stdlib_corpus()` below, which parses the files with `ast` and
-imports nothing; `python -m sophia.data --build FILE` runs it again. It is about
+imports nothing; `python -m sophia.experiments.data --build FILE` runs it again. It is about
 0.9 MB of English prose and code examples (about 250 KB compressed).
 
 **Why this text.** It is text we may redistribute: the standard library is
 distributed under the [PSF License Agreement](https://docs.python.org/3/license.html),
 which allows derivative works provided the licence and PSF's copyright notice are kept
-with them; they are, in `sophia/data/PYTHON-LICENSE.txt` (Python's `LICENSE.txt`,
-verbatim) and `sophia/data/README.md`. Modules whose files carry a licence of their own
+with them; they are, in `sophia/experiments/corpora/PYTHON-LICENSE.txt` (Python's `LICENSE.txt`,
+verbatim) and `sophia/experiments/corpora/README.md`. Modules whose files carry a licence of their own
 (e.g. `tarfile`, `logging`, `re`) are left out of the list.
 
 **Why a fixed snapshot, not built at first use.** Every Python has its standard
@@ -98,7 +98,7 @@ CORPORA = ("stdlib", "shakespeare")
 
 # The shipped files live next to this module, inside the installed package, so they
 # are found wherever the package is installed and whatever the working directory is.
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "corpora"
 STDLIB_FILE = DATA_DIR / "stdlib_docstrings.txt.gz"
 
 # The SHA-256 of the uncompressed snapshot, checked on every load.
@@ -172,12 +172,18 @@ def _docstrings(node: ast.AST, qualname: str) -> list[tuple[str, str]]:
     return found
 
 
-def build_stdlib_corpus(stdlib_dir: str | os.PathLike | None = None) -> tuple[bytes, list[str]]:
+def build_stdlib_corpus(
+    stdlib_dir: str | os.PathLike | None = None,
+) -> tuple[bytes, list[str]]:
     r"""Extract the docstrings of `STDLIB_MODULES` from the standard library at `stdlib_dir`
     (default: this Python's). Returns the UTF-8 text and the list of modules not found."""
     # `sysconfig` knows where this interpreter's pure-Python standard library lives,
     # in a virtual environment too (it points to the base installation).
-    root = Path(stdlib_dir) if stdlib_dir is not None else Path(sysconfig.get_paths()["stdlib"])
+    root = (
+        Path(stdlib_dir)
+        if stdlib_dir is not None
+        else Path(sysconfig.get_paths()["stdlib"])
+    )
     parts, missing = [], []
     for module in STDLIB_MODULES:
         path = root / f"{module}.py"
@@ -206,7 +212,12 @@ def build_stdlib_corpus(stdlib_dir: str | os.PathLike | None = None) -> tuple[by
 # written once and read many times.
 def write_gzip(path: str | os.PathLike, data: bytes) -> None:
     r"""Write `data` gzip-compressed, reproducibly (no timestamp in the header)."""
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as f:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(
+            filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0
+        ) as f,
+    ):
         f.write(data)
 
 
@@ -229,19 +240,27 @@ class Corpus:
     vocab_size: int = VOCAB_SIZE
 
     @classmethod
-    def from_bytes(cls, name: str, data: bytes, source: str = "") -> "Corpus":
+    def from_bytes(cls, name: str, data: bytes, source: str = "") -> Corpus:
         r"""Split `data` into the first `TRAIN_FRACTION` (training) and the rest (validation)."""
         if not isinstance(data, (bytes, bytearray)):
-            raise TypeError(f"corpus {name!r}: data must be bytes, got {type(data).__name__}")
+            raise TypeError(
+                f"corpus {name!r}: data must be bytes, got {type(data).__name__}"
+            )
         # The bytes as a `(N,)` tensor of token ids, one per byte, with no decoding.
         # `torch.frombuffer` shares the buffer's memory instead of copying it, and warns
         # when the buffer is read-only, as `bytes` are: so it gets a `bytearray` copy,
         # which the tensor then owns. It refuses an empty buffer, hence the other branch.
-        tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        tokens = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if data
+            else torch.zeros(0, dtype=torch.uint8)
+        )
         # $\lfloor N \cdot$ `TRAIN_FRACTION` $\rfloor$ tokens for training, the rest for
         # validation. The two slices are views of the one tensor, not copies.
         n_train = int(len(tokens) * TRAIN_FRACTION)
-        return cls(name=name, train=tokens[:n_train], val=tokens[n_train:], source=source)
+        return cls(
+            name=name, train=tokens[:n_train], val=tokens[n_train:], source=source
+        )
 
     # The length of a corpus is its number of tokens, both splits together.
     def __len__(self) -> int:
@@ -263,7 +282,11 @@ class Corpus:
     # so the reader can see whether the corpus or the context is at fault.
     def check_fits(self, block_size: int) -> None:
         r"""Raise `ValueError` unless both splits hold at least `block_size + 1` tokens."""
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        if (
+            isinstance(block_size, bool)
+            or not isinstance(block_size, int)
+            or block_size < 1
+        ):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         for split in ("train", "val"):
             n = len(self.split(split))
@@ -298,12 +321,18 @@ class Corpus:
         device: str | torch.device = "cpu",
     ) -> tuple[Tensor, Tensor]:
         r"""Inputs and next-token targets, each `(batch_size, block_size)`, from windows at random offsets."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.check_fits(block_size)
         data = self.split(split)
         # The offsets, `(B,)`, from the caller's generator (on the CPU, where the data is).
-        offsets = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+        offsets = torch.randint(
+            len(data) - block_size, (batch_size,), generator=generator
+        )
         # The windows, `(B, T + 1)`: each offset plus $0..T$. The index is a `(B, 1)`
         # column plus a `(T + 1,)` row, which broadcast to a `(B, T + 1)` table of
         # positions, and indexing the split with it gathers all the windows in one
@@ -339,14 +368,20 @@ def _load_stdlib() -> Corpus:
     try:
         data = gzip.decompress(STDLIB_FILE.read_bytes())
     except (OSError, EOFError, zlib.error) as error:
-        raise DataUnavailableError(f"cannot read the shipped corpus {STDLIB_FILE}: {error}") from error
+        raise DataUnavailableError(
+            f"cannot read the shipped corpus {STDLIB_FILE}: {error}"
+        ) from error
     digest = hashlib.sha256(data).hexdigest()
     if digest != STDLIB_SHA256:
         raise DataUnavailableError(
             f"the shipped corpus {STDLIB_FILE} has SHA-256 {digest}, expected {STDLIB_SHA256}: "
             "reinstall the package"
         )
-    return Corpus.from_bytes("stdlib", data, source=f"{STDLIB_FILE} (docstrings of Python's standard library, PSF licence)")
+    return Corpus.from_bytes(
+        "stdlib",
+        data,
+        source=f"{STDLIB_FILE} (docstrings of Python's standard library, PSF licence)",
+    )
 
 
 # The one function that touches the network. Tests replace it. The `timeout` bounds
@@ -387,7 +422,9 @@ def _load_shakespeare(cache_dir: Path | None, timeout: float) -> Corpus:
         # An empty answer (a proxy that swallowed the body) is not a corpus, and once
         # cached it would be read as one forever.
         if not data:
-            raise DataUnavailableError(f"the download of Tiny Shakespeare from {SHAKESPEARE_URL} was empty")
+            raise DataUnavailableError(
+                f"the download of Tiny Shakespeare from {SHAKESPEARE_URL} was empty"
+            )
         # The temporary name carries the process id, so that two processes downloading
         # at once (two notebooks, parallel tests) never write the same temporary file;
         # whichever renames last wins, and both wrote the same bytes. `Path.replace`
@@ -399,8 +436,12 @@ def _load_shakespeare(cache_dir: Path | None, timeout: float) -> Corpus:
             partial.write_bytes(data)
             partial.replace(path)
         except OSError as error:
-            raise DataUnavailableError(f"could not write the Tiny Shakespeare cache at {path}: {error}") from error
-    return Corpus.from_bytes("shakespeare", path.read_bytes(), source=f"{path} (from {SHAKESPEARE_URL})")
+            raise DataUnavailableError(
+                f"could not write the Tiny Shakespeare cache at {path}: {error}"
+            ) from error
+    return Corpus.from_bytes(
+        "shakespeare", path.read_bytes(), source=f"{path} (from {SHAKESPEARE_URL})"
+    )
 
 
 # Any file is a corpus: it is read as bytes and never decoded, so its encoding does
@@ -409,7 +450,9 @@ def _load_file(path: Path) -> Corpus:
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise DataUnavailableError(f"cannot read the corpus file {path}: {error.strerror or error}") from error
+        raise DataUnavailableError(
+            f"cannot read the corpus file {path}: {error.strerror or error}"
+        ) from error
     return Corpus.from_bytes(path.name, data, source=str(path))
 
 
@@ -426,7 +469,9 @@ def load_corpus(
     if name == "stdlib":
         return _load_stdlib()
     if name == "shakespeare":
-        return _load_shakespeare(Path(cache_dir) if cache_dir is not None else None, timeout)
+        return _load_shakespeare(
+            Path(cache_dir) if cache_dir is not None else None, timeout
+        )
     path = Path(name)
     if not path.is_file():
         raise DataUnavailableError(
@@ -437,14 +482,23 @@ def load_corpus(
 
 # ## The command
 #
-# `python -m sophia.data` describes a corpus; `--build FILE` extracts the standard
+# `python -m sophia.experiments.data` describes a corpus; `--build FILE` extracts the standard
 # library snapshot from this Python into `FILE` (the way the shipped one was made).
 def main(argv: list[str] | None = None) -> int:
     r"""Describe a corpus, or rebuild the standard-library snapshot."""
     # Two options: which corpus to describe, or where to write a new snapshot.
-    parser = argparse.ArgumentParser(prog="python -m sophia.data", description="Describe or build a training corpus.")
-    parser.add_argument("--data", default="stdlib", help="stdlib, shakespeare, or a text file")
-    parser.add_argument("--build", metavar="FILE", help="extract the stdlib docstrings of this Python into FILE (.txt.gz)")
+    parser = argparse.ArgumentParser(
+        prog="python -m sophia.experiments.data",
+        description="Describe or build a training corpus.",
+    )
+    parser.add_argument(
+        "--data", default="stdlib", help="stdlib, shakespeare, or a text file"
+    )
+    parser.add_argument(
+        "--build",
+        metavar="FILE",
+        help="extract the stdlib docstrings of this Python into FILE (.txt.gz)",
+    )
     args = parser.parse_args(argv)
     # `--build`: extract, compress, and print the SHA-256 to paste into
     # `STDLIB_SHA256` if the snapshot is to be replaced. On a Python other than the
@@ -453,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.build:
         data, missing = build_stdlib_corpus()
         write_gzip(args.build, data)
-        print(f"wrote {args.build}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}")
+        print(
+            f"wrote {args.build}: {len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()}"
+        )
         if missing:
             print(f"modules not in this Python, skipped: {', '.join(missing)}")
         return 0
@@ -464,8 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"corpus {corpus.name!r}: {len(corpus)} tokens (bytes), vocabulary {corpus.vocab_size}")
-    print(f"  train: {len(corpus.train)} tokens, val: {len(corpus.val)} tokens ({TRAIN_FRACTION:.0%} / rest)")
+    print(
+        f"corpus {corpus.name!r}: {len(corpus)} tokens (bytes), vocabulary {corpus.vocab_size}"
+    )
+    print(
+        f"  train: {len(corpus.train)} tokens, val: {len(corpus.val)} tokens ({TRAIN_FRACTION:.0%} / rest)"
+    )
     print(f"  source: {corpus.source}")
     print(f"  starts: {corpus.decode(corpus.train[:200])!r}")
     return 0

@@ -43,8 +43,8 @@ from torch import Tensor
 # The demo uses only the package's public pieces, as a user would: the estimator's loss
 # and the optimizer class. Which implementation runs is chosen with the optimizer's own
 # flags, not by calling the step functions directly, so the table also tests dispatch.
-from .hessian import gnb_loss
-from .optimizer import SophiaG
+from ..hessian import gnb_loss
+from ..optimizer import SophiaG
 
 # Relative difference per element, against the reference, above which the run fails.
 #
@@ -66,6 +66,7 @@ TOLERANCE = 1e-6
 @dataclass
 class Problem:
     r"""A softmax regression with a random teacher: its sizes, its schedule, and its seed."""
+
     # The fields: the sizes of the model, the batch (also $B$: one prediction per example),
     # the number of steps, the Hessian refresh interval $k$, and the seed of everything
     # random.
@@ -97,7 +98,9 @@ class Problem:
         # as in language modelling, where the loss never reaches zero.
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         x = torch.randn(self.batch, self.n_features, generator=gen)
-        y = torch.multinomial(torch.softmax(x @ self.teacher.T, dim=-1), 1, generator=gen).squeeze(-1)
+        y = torch.multinomial(
+            torch.softmax(x @ self.teacher.T, dim=-1), 1, generator=gen
+        ).squeeze(-1)
         return x, y
 
 
@@ -121,7 +124,9 @@ class AuthorsFormula(torch.optim.Optimizer):
     # The authors' hyperparameters, with their names; no `eps` (their constant is written
     # into `step`), no flags.
     def __init__(self, params, lr, betas, rho, weight_decay):
-        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay))
+        super().__init__(
+            params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay)
+        )
 
     @torch.no_grad()
     def update_hessian(self) -> None:
@@ -132,7 +137,9 @@ class AuthorsFormula(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self._init(p)
-                state["hessian"].mul_(group["betas"][1]).addcmul_(p.grad, p.grad, value=1 - group["betas"][1])
+                state["hessian"].mul_(group["betas"][1]).addcmul_(
+                    p.grad, p.grad, value=1 - group["betas"][1]
+                )
 
     @torch.no_grad()
     def step(self, bs: float = 5120) -> None:
@@ -150,7 +157,9 @@ class AuthorsFormula(torch.optim.Optimizer):
                 # The clamp has no lower bound: with $h \ge 0$ the ratio cannot be negative. (With
                 # Hutchinson's estimates it could, which is why [the reference](reference.html) uses
                 # $\max(\rho B h, \epsilon)$ instead; the GNB estimates of this demo are never negative.)
-                ratio = (state["exp_avg"].abs() / (rho * bs * state["hessian"] + 1e-15)).clamp(None, 1)
+                ratio = (
+                    state["exp_avg"].abs() / (rho * bs * state["hessian"] + 1e-15)
+                ).clamp(None, 1)
                 p.addcmul_(state["exp_avg"].sign(), ratio, value=-lr)
 
     # State on first use, zeros, as the authors create it. Their state also has a `step`
@@ -169,7 +178,9 @@ class AuthorsFormula(torch.optim.Optimizer):
 # step, and every $k$ steps, *after* that step, a refresh on a fresh batch: sample
 # labels from the model's own predictions (`gnb_loss`, seeded so that every
 # implementation draws the same labels), back-propagate, `update_hessian()`.
-def train(problem: Problem, make_optimizer) -> tuple[list[Tensor], list[float], SophiaG]:
+def train(
+    problem: Problem, make_optimizer
+) -> tuple[list[Tensor], list[float], SophiaG]:
     r"""Train a copy of `problem.init` with the optimizer `make_optimizer` builds; return weights, losses, optimizer."""
     # Fresh leaf tensors, cloned from the shared initial weights, for this run only.
     params = [t.clone().requires_grad_() for t in problem.init]
@@ -192,7 +203,9 @@ def train(problem: Problem, make_optimizer) -> tuple[list[Tensor], list[float], 
         # refresh's gradients are used only by `update_hessian()`; the next step resets them.
         if step % problem.k == problem.k - 1:
             x_fresh, _ = problem.batch_at(problem.steps + step)
-            sampled, _ = gnb_loss(logits(params, x_fresh), generator=torch.Generator().manual_seed(step))
+            sampled, _ = gnb_loss(
+                logits(params, x_fresh), generator=torch.Generator().manual_seed(step)
+            )
             for p in params:
                 p.grad = None
             sampled.backward()
@@ -221,7 +234,7 @@ def max_relative_difference(a: list[Tensor], b: list[Tensor]) -> float:
 # Whether the kernel's CPU build is there: `None` if it is, else the first line of the
 # reason.
 def _fused_unavailable() -> str | None:
-    from . import fused
+    from .. import fused
 
     # The first line of the build error, for the table: the full message, with the
     # compiler's log, is for `sophia.fused.load_extension` to show when asked.
@@ -237,9 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     r"""Run every implementation on the toy problem, print the agreement table, return the exit status."""
     # Two options: the number of steps and the seed. Everything else is the `Problem`'s
     # defaults, so that a run is identified by these two numbers.
-    parser = argparse.ArgumentParser(prog="python -m sophia", description=__doc__.split("summary:")[1].split("---")[0].strip())
-    parser.add_argument("--steps", type=int, default=Problem.steps, help="optimizer steps")
-    parser.add_argument("--seed", type=int, default=Problem.seed, help="seed of data, init and samples")
+    parser = argparse.ArgumentParser(
+        prog="python -m sophia",
+        description=__doc__.split("summary:")[1].split("---")[0].strip(),
+    )
+    parser.add_argument(
+        "--steps", type=int, default=Problem.steps, help="optimizer steps"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=Problem.seed, help="seed of data, init and samples"
+    )
     args = parser.parse_args(argv)
     # `parser.error` prints the usage and exits with status 2, the convention for a bad
     # command line: with no step there would be no loss to print and nothing to compare.
@@ -275,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Sophia-G on softmax regression ({problem.n_features} features, {problem.n_classes} classes, "
         f"batch {problem.batch}), {problem.steps} steps, GNB refresh every {problem.k} steps"
     )
-    print(f"{'implementation':<18} {'first loss':>10} {'final loss':>10} {'max rel diff vs reference':>26}")
+    print(
+        f"{'implementation':<18} {'first loss':>10} {'final loss':>10} {'max rel diff vs reference':>26}"
+    )
     # One row per implementation: its first training loss (the same for all, from the same
     # start), its last (the same if the runs agree), and its largest relative difference
     # from the reference over every element of the final weights. The reference's own row
@@ -292,13 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clip win rate at the end (reference): {ref_opt.win_rate():.2f}")
     # The exit status makes the command a test: non-zero on disagreement.
     if failed:
-        print(f"DISAGREEMENT: an implementation differs from the reference by more than {TOLERANCE:g}")
+        print(
+            f"DISAGREEMENT: an implementation differs from the reference by more than {TOLERANCE:g}"
+        )
         return 1
-    print(f"all implementations agree with the reference to within {TOLERANCE:g} relative per element")
+    print(
+        f"all implementations agree with the reference to within {TOLERANCE:g} relative per element"
+    )
     return 0
 
 
-# `python -m sophia.demo` runs this file directly; `python -m sophia` runs the same
+# `python -m sophia.experiments.demo` runs this file directly; `python -m sophia` runs the same
 # `main` through the package's `__main__`.
 if __name__ == "__main__":
     sys.exit(main())

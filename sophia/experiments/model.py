@@ -91,9 +91,13 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+                raise ValueError(
+                    f"GPTConfig.{name} must be a positive int, got {value!r}"
+                )
             if value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+                raise ValueError(
+                    f"GPTConfig.{name} must be a positive int, got {value!r}"
+                )
         # Every head gets an equal slice of the channels.
         if self.n_embd % self.n_head != 0:
             raise ValueError(
@@ -102,16 +106,20 @@ class GPTConfig:
         # A dropout probability of one would zero every activation, so the interval is
         # open at the top.
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ValueError(
+                f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}"
+            )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ValueError(
+                f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}"
+            )
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be a bool, got {self.bias!r}")
 
     # The GPU model keeps the byte vocabulary and changes only the sizes below; any of
     # them, or any other field, can be overridden by keyword.
     @classmethod
-    def gpu(cls, **overrides) -> "GPTConfig":
+    def gpu(cls, **overrides) -> GPTConfig:
         r"""nanoGPT's character-level Shakespeare model (about 10 M parameters), for a GPU; `overrides` change fields."""
         sizes = dict(block_size=256, n_layer=6, n_head=6, n_embd=384)
         sizes.update(overrides)
@@ -120,12 +128,14 @@ class GPTConfig:
     # `dataclasses.replace` would do the same, but a misspelt field would surface as a
     # `TypeError` about `__init__`'s keyword arguments; here the message names the
     # field. The copy is built through `__init__`, so `__post_init__` checks it again.
-    def replace(self, **changes) -> "GPTConfig":
+    def replace(self, **changes) -> GPTConfig:
         r"""A copy with some fields changed (and checked again)."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise ValueError(f"GPTConfig has no field(s) {sorted(unknown)}")
-        return GPTConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+        return GPTConfig(
+            **{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes}
+        )
 
 
 # ## Causal self-attention
@@ -204,8 +214,12 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, MLP_EXPANSION * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(MLP_EXPANSION * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(
+            config.n_embd, MLP_EXPANSION * config.n_embd, bias=config.bias
+        )
+        self.c_proj = nn.Linear(
+            MLP_EXPANSION * config.n_embd, config.n_embd, bias=config.bias
+        )
         self.dropout = nn.Dropout(config.dropout)
 
     # `(B, T, C)` up to the hidden width, GELU, back down to `(B, T, C)`.
@@ -296,7 +310,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(
+                    p, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer)
+                )
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -330,20 +346,28 @@ class GPT(nn.Module):
     # The checks come first, each with a message that says what was wrong. The
     # position embedding has `block_size` rows, so a longer sequence would index past
     # it; an empty sequence would give a mean over no predictions, a NaN.
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         r"""Logits `(B, T, V)` for token ids `idx` `(B, T)`, and the mean cross-entropy against `targets` if given."""
         if not isinstance(idx, Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
-            raise ValueError(f"GPT.forward: idx must be a (batch, time) tensor of token ids, got {shape}")
+            raise ValueError(
+                f"GPT.forward: idx must be a (batch, time) tensor of token ids, got {shape}"
+            )
         if idx.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-            raise ValueError(f"GPT.forward: idx must hold integer token ids, got dtype {idx.dtype}")
+            raise ValueError(
+                f"GPT.forward: idx must hold integer token ids, got dtype {idx.dtype}"
+            )
         batch, time = idx.shape
         if time > self.config.block_size:
             raise ValueError(
                 f"GPT.forward: sequence length {time} is longer than block_size={self.config.block_size}"
             )
         if time == 0:
-            raise ValueError("GPT.forward: sequence length 0; give at least one token per sequence")
+            raise ValueError(
+                "GPT.forward: sequence length 0; give at least one token per sequence"
+            )
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(
                 f"GPT.forward: targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
@@ -370,7 +394,9 @@ class GPT(nn.Module):
         # target per prediction, `(BT,)`; its default reduction is the mean over the
         # $BT$ rows, the $\frac{1}{BT}\sum$ above. It applies `log_softmax` itself,
         # which is more accurate than taking the log of a softmax.
-        loss = F.cross_entropy(logits.reshape(batch * time, -1), targets.reshape(-1).long())
+        loss = F.cross_entropy(
+            logits.reshape(batch * time, -1), targets.reshape(-1).long()
+        )
         return logits, loss
 
     # ## Parameter groups
@@ -391,10 +417,14 @@ class GPT(nn.Module):
     # `weight_decay` acts the same under either.
     def param_groups(self, weight_decay: float) -> list[dict]:
         r"""Two parameter groups: 2-D (and higher) weights with `weight_decay`, the rest with none."""
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
-            math.isfinite(weight_decay) and weight_decay >= 0
+        if (
+            isinstance(weight_decay, bool)
+            or not isinstance(weight_decay, (int, float))
+            or not (math.isfinite(weight_decay) and weight_decay >= 0)
         ):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+            raise ValueError(
+                f"weight_decay must be a finite number >= 0, got {weight_decay!r}"
+            )
         # Frozen parameters (none here, but a caller may freeze some) stay out of both
         # groups: an optimizer would otherwise keep state for them and never use it.
         params = [p for p in self.parameters() if p.requires_grad]

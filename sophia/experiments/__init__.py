@@ -1,0 +1,20 @@
+r"""
+---
+title: sophia.experiments
+summary: What uses the optimizer - a small GPT, an offline corpus, training, comparison, benchmark, demo.
+---
+
+The library ends at [`sophia`](../__init__.html): the optimizers, the three
+implementations of the step and the estimators. This subpackage holds the experiments
+that *use* it, and nothing in the library imports it.
+
+* [`model`](model.html): a small GPT, nanoGPT's shape.
+* [`data`](data.html): the offline corpus it trains on (`corpora/`), and batches of it.
+* [`train`](train.html): the training loop, `python -m sophia.train`, and the comparison
+  of AdamW with Sophia-G and Sophia-H, `python -m sophia.train compare`.
+* [`benchmark`](benchmark.html): one optimizer step timed against AdamW,
+  `python -m sophia.benchmark`.
+* [`demo`](demo.html): the one-minute tour, `python -m sophia`.
+
+labml and matplotlib are needed here only (`pip install "literate-sophia[train]"`).
+"""
