@@ -36,7 +36,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .reference import _as_real
+from .reference import _as_real, _is_zero_in
 
 
 # ## Grouping by device and dtype
@@ -157,12 +157,21 @@ def hessian_ema_foreach(
     square: bool,
 ) -> None:
     r"""Fold one estimate per tensor into `hessians`, one foreach op per formula per group."""
-    for group_hessians, group_estimates in group_by_device_and_dtype(hessians, estimates).values():
+    for group_hessians, group_estimates in group_by_device_and_dtype(
+        hessians, estimates
+    ).values():
         hessians_w = _opmath_list(group_hessians)
         estimates_w = _opmath_list(group_estimates)
-        torch._foreach_mul_(hessians_w, beta2)
+        # Reference: `hessian_w.zero_()` where $\beta_2$ rounds to zero, else
+        # `hessian_w.mul_(beta2)`.
+        if _is_zero_in(beta2, hessians_w[0].dtype):
+            torch._foreach_zero_(hessians_w)
+        else:
+            torch._foreach_mul_(hessians_w, beta2)
         if square:
-            torch._foreach_addcmul_(hessians_w, estimates_w, estimates_w, value=1 - beta2)
+            torch._foreach_addcmul_(
+                hessians_w, estimates_w, estimates_w, value=1 - beta2
+            )
         else:
             torch._foreach_add_(hessians_w, estimates_w, alpha=1 - beta2)
         if hessians_w is not group_hessians:

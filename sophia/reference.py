@@ -220,6 +220,10 @@ def sophiag_reference(
 # (the Gauss-Newton-Bartlett estimate without its factor $B$, which `bs` applies in the
 # step, as the reference code does). With `square=False`, `estimates` holds
 # $\hat h$ itself, e.g. Hutchinson's $u \odot (Hu)$.
+def _is_zero_in(value: float, dtype: torch.dtype) -> bool:
+    return torch.tensor(value, dtype=dtype).item() == 0
+
+
 def hessian_ema_reference(
     hessians: list[Tensor],
     estimates: list[Tensor],
@@ -234,7 +238,13 @@ def hessian_ema_reference(
 
         # $$h \leftarrow \beta_2 h + (1 - \beta_2)\,\hat g \odot \hat g \quad\text{or}\quad
         #   h \leftarrow \beta_2 h + (1 - \beta_2)\,\hat h.$$
-        hessian_w.mul_(beta2)
+        # Where $\beta_2$ is zero in the working precision the old $h$ is dropped, not
+        # multiplied by zero: an $h$ that overflowed to $\infty$ would give
+        # $0 \cdot \infty = \mathrm{NaN}$.
+        if _is_zero_in(beta2, hessian_w.dtype):
+            hessian_w.zero_()
+        else:
+            hessian_w.mul_(beta2)
         if square:
             hessian_w.addcmul_(estimate_w, estimate_w, value=1 - beta2)
         else:

@@ -246,7 +246,8 @@ __device__ __forceinline__ void sophia_step_element(
 // ## The Hessian EMA, for one element
 //
 // Reference: `hessian_ema_reference`. First `hessian_w.mul_(beta2)`,
-// $h \leftarrow \beta_2 h$. Then, with `square`, the Gauss-Newton-Bartlett form
+// $h \leftarrow \beta_2 h$ (or zero when $\beta_2 = 0$, so that an infinite $h$ gives
+// no $0 \cdot \infty$). Then, with `square`, the Gauss-Newton-Bartlett form
 // `hessian_w.addcmul_(estimate_w, estimate_w, value=1 - beta2)`,
 // $h \leftarrow h + (1-\beta_2)\,\hat g \odot \hat g$, which PyTorch evaluates as
 // `self + (value * t1) * t2`: one rounded product, then a fused multiply-add. Without
@@ -255,7 +256,7 @@ __device__ __forceinline__ void sophia_step_element(
 template <typename opmath_t>
 __device__ __forceinline__ void hessian_ema_element(
     opmath_t& hessian, opmath_t estimate, const EmaCoefficients<opmath_t>& c) {
-    hessian = mul_rn(hessian, c.beta2);
+    hessian = c.beta2 == opmath_t(0) ? opmath_t(0) : mul_rn(hessian, c.beta2);
     if (c.square) {
         hessian = fma_rn(mul_rn(c.one_minus_beta2, estimate), estimate, hessian);
     } else {
