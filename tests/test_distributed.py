@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import IMPLEMENTATIONS as IMPLS
+from conftest import hyper, tiny_mlp
 
 from sophia import SophiaG, gnb_loss
 from sophia.fused import fused_available
@@ -43,24 +45,12 @@ LOCAL_BATCH = 6
 GLOBAL_BATCH = WORLD * LOCAL_BATCH
 # A $\rho$ large enough that about a fifth of the coordinates take unclipped (Newton) steps,
 # where a difference in $h$ would show, rather than sign steps, where it would not.
-HYPER = dict(lr=0.05, betas=(0.9, 0.95), rho=2.0, weight_decay=0.1)
-IMPLS = {
-    "reference": dict(foreach=False),
-    "foreach": dict(foreach=True),
-    "fused": dict(fused=True),
-}
+HYPER = hyper(lr=0.05, betas=(0.9, 0.95), rho=2.0)
 
 
 # A small classifier: every row of a batch is one prediction, so $B$ is the number of rows.
 def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(8, 16),
-        torch.nn.Tanh(),
-        torch.nn.Linear(16, 16),
-        torch.nn.Tanh(),
-        torch.nn.Linear(16, 5),
-    ).double()
+    return tiny_mlp(8, 16, 16, 5, dtype=torch.float64)
 
 
 # The global batch of step `t`, the same in every process; the Hessian batch of a refresh

@@ -20,20 +20,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import non_raw_docstrings
 
-from sophia import SophiaG, exact_hessian_diagonal, gnb_loss, hutchinson
+import sophia.hessian
+from sophia import SophiaG, SophiaH, exact_hessian_diagonal, gnb_loss, hutchinson
 
 DTYPE = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    r"""Every tensor here is tiny: intra-op threads only add overhead. Restored after
-    this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -311,17 +304,45 @@ TRUE_LABEL_RATIO = {16: 2.37, 1024: 100.9}
 
 # Updating $m$ twice per step with the same gradient is one update with $\beta_1^2$:
 # $\beta_1(\beta_1 m + (1-\beta_1) g) + (1-\beta_1) g = \beta_1^2 m + (1 - \beta_1^2) g$.
+# Shown with our own `SophiaG`'s momentum: two steps on the same gradient (the mistake)
+# leave the `exp_avg` of one step with $\beta_1^2$, and one step (ours) forgets at the
+# rate $\beta_1$.
+def _momentum_after(m0, grads, beta1):
+    p = torch.nn.Parameter(torch.zeros_like(m0))
+    opt = SophiaG([p], lr=1e-3, betas=(beta1, 0.99), weight_decay=0.0)
+    p.grad = torch.zeros_like(m0)
+    opt.step(bs=1)
+    opt.state[p]["exp_avg"].copy_(m0)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step(bs=1)
+    return opt.state[p]["exp_avg"].clone()
+
+
 def test_momentum_updated_twice_halves_its_memory():
     beta1 = 0.965
     m0 = torch.randn(10, generator=_gen(9), dtype=DTYPE)
     g = torch.randn(10, generator=_gen(10), dtype=DTYPE)
-    twice = beta1 * (beta1 * m0 + (1 - beta1) * g) + (1 - beta1) * g
+    once = _momentum_after(m0, [g], beta1)
+    twice = _momentum_after(m0, [g, g], beta1)
     torch.testing.assert_close(
-        twice, beta1**2 * m0 + (1 - beta1**2) * g, rtol=1e-12, atol=0
+        once, beta1 * m0 + (1 - beta1) * g, rtol=1e-12, atol=1e-15
     )
-    # The half-life $\ln 2 / -\ln\beta_1$ of the average, in steps: 19.5 becomes 9.7.
-    assert math.log(2) / -math.log(beta1) == pytest.approx(19.5, abs=0.05)
-    assert math.log(2) / -math.log(beta1**2) == pytest.approx(9.7, abs=0.05)
+    torch.testing.assert_close(
+        twice, _momentum_after(m0, [g], beta1**2), rtol=1e-12, atol=1e-15
+    )
+    assert not torch.allclose(once, twice)
+
+    # The half-life $\ln 2 / -\ln(\text{decay per step})$ of the average, in steps, with
+    # the decay read off the optimizer's state on a zero gradient: 19.5 becomes 9.7.
+    one = torch.ones(1, dtype=DTYPE)
+    zero = torch.zeros(1, dtype=DTYPE)
+    half_life = {
+        n: math.log(2) / -math.log(_momentum_after(one, [zero] * n, beta1).item())
+        for n in (1, 2)
+    }
+    assert half_life[1] == pytest.approx(19.5, abs=0.05)
+    assert half_life[2] == pytest.approx(9.7, abs=0.05)
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,14 +371,34 @@ def test_stale_estimate_is_nine_steps_old():
     assert len(pairs) == 9
     assert {folded - computed for computed, folded in pairs} == {9}
 
-    # What nine steps mean: on $L(\theta) = \log\cosh\theta$ (curvature
-    # $\operatorname{sech}^2\theta$), from $\theta = 3$ with sign steps of $\eta = 0.1$, the
-    # curvature folded in is that of nine steps earlier, 5.9 times smaller than the
-    # curvature where it is used: the Newton step there, $m / (\rho h)$, is 5.9 times too
-    # long, unless the clip catches it.
+    # What nine steps mean, on $L(\theta) = \log\cosh\theta$ (curvature
+    # $\operatorname{sech}^2\theta$) from $\theta = 3$: our `SophiaH` refreshes there,
+    # takes nine steps (clipped to sign steps of $\eta = 0.1$: $h$ is tiny), and
+    # refreshes again. Ours folds in the curvature where $\theta$ is now (in one
+    # dimension a Rademacher probe gives it exactly); the stale schedule would fold in
+    # the one at $\theta = 3$, 5.9 times smaller: the Newton step there, $m / (\rho h)$,
+    # would be 5.9 times too long, unless the clip catches it.
     lr, theta0 = 0.1, 3.0
-    stale = 1 / math.cosh(theta0) ** 2
-    current = 1 / math.cosh(theta0 - 9 * lr) ** 2
+    theta = torch.nn.Parameter(torch.tensor([theta0], dtype=DTYPE))
+    opt = SophiaH([theta], lr=lr, betas=(0.9, 0.0), weight_decay=0.0)
+
+    def loss():
+        return torch.log(torch.cosh(theta)).sum()
+
+    def curvature_here():
+        opt.update_hessian(loss=loss(), generator=_gen(11))
+        return opt.state[theta]["hessian"].item()
+
+    stale = curvature_here()
+    for _ in range(9):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    opt.state[theta]["hessian"].zero_()
+    current = curvature_here()
+    assert theta.item() == pytest.approx(theta0 - 9 * lr, rel=1e-12)
+    assert stale == pytest.approx(1 / math.cosh(theta0) ** 2, rel=1e-12)
+    assert current == pytest.approx(1 / math.cosh(theta.item()) ** 2, rel=1e-12)
     assert current / stale == pytest.approx(5.9, abs=0.05)
 
 
@@ -401,28 +442,43 @@ def test_sqrt_h_without_clipping_is_unbounded():
 # `\frac`, `\nabla`, `\theta` silently become a backspace, a form feed, a newline and a
 # tab followed by the rest of the word, and an unknown escape such as `\sum` draws a
 # warning at compile time (and is to become an error). A raw string keeps the backslash.
-def test_non_raw_docstrings_mangle_latex():
-    plain = r'"$\begin{align} \frac{a}{b} \nabla \theta \end{align}$"'
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        text = eval(compile(plain, "<docstring>", "eval"))
-    assert (
-        "\x08egin" in text
-        and "\x0crac" in text
-        and "\nabla" in text
-        and "\theta" in text
-    )
-    assert "\\begin" not in text
-    raw = eval(compile("r" + plain, "<docstring>", "eval"))
-    assert raw == r"$\begin{align} \frac{a}{b} \nabla \theta \end{align}$"
+#
+# What the page says each escape becomes:
+MANGLED = {
+    r"\begin": "\x08egin",
+    r"\frac": "\x0crac",
+    r"\nabla": "\nabla",
+    r"\theta": "\theta",
+}
 
+
+# Shown on our own estimators' module, `sophia/hessian.py`, whose docstrings hold
+# LaTeX: as written (raw) the literate check passes and the text keeps its commands;
+# with the `r` prefixes taken off, the check flags every docstring, compiling warns of
+# the unknown escapes, and the commands come out mangled as the page says.
+def test_non_raw_docstrings_mangle_latex():
+    source = pathlib.Path(sophia.hessian.__file__).read_text()
+    assert non_raw_docstrings(source) == []
+    assert r"\nabla" in sophia.hessian.__doc__ and r"\theta" in sophia.hessian.__doc__
+
+    plain = source.replace('r"""', '"""')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compile(r'"$\sum_i$"', "<docstring>", "eval")
+        flagged = non_raw_docstrings(plain)
+        doc = compile(plain, "hessian.py", "exec").co_consts[0]
+    assert len(flagged) == source.count('r"""')
     # A `DeprecationWarning` up to Python 3.11, a `SyntaxWarning` from 3.12 on.
     assert any(
         issubclass(w.category, (SyntaxWarning, DeprecationWarning)) for w in caught
     )
+    for command in (r"\nabla", r"\theta"):
+        assert command not in doc and MANGLED[command] in doc, command
+
+    # Each of the page's four commands, in a docstring of its own.
+    for command, mangled in MANGLED.items():
+        text = eval(compile(f'"""{command}"""', "<docstring>", "eval"))
+        assert text == mangled, command
+        assert eval(compile(f'r"""{command}"""', "<docstring>", "eval")) == command
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,14 +22,7 @@ DTYPE = torch.float64
 SIGMAS = 5.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    r"""Every tensor here is tiny: intra-op threads only add overhead (an order of
-    magnitude on a busy machine). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

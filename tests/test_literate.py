@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import non_raw_docstrings
 
 MODULES = sorted(pathlib.Path(__file__).parent.parent.joinpath("sophia").rglob("*.py"))
 
@@ -28,26 +29,8 @@ def test_module_opens_with_front_matter(path):
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
 def test_every_docstring_is_a_raw_string(path):
-    source = path.read_text()
-    tree = ast.parse(source)
-    lines = source.splitlines()
-    for node in ast.walk(tree):
-        if (
-            isinstance(
-                node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-            )
-            and node.body
-        ):
-            first = node.body[0]
-            if (
-                isinstance(first, ast.Expr)
-                and isinstance(first.value, ast.Constant)
-                and isinstance(first.value.value, str)
-            ):
-                opening = lines[first.lineno - 1][first.col_offset :]
-                assert opening[:1] in "rR", (
-                    f"{path.name}:{first.lineno} docstring is not a raw string"
-                )
+    lines = non_raw_docstrings(path.read_text())
+    assert not lines, f"{path.name}: docstrings at lines {lines} are not raw strings"
 
 
 def test_import_emits_no_warning():
@@ -59,9 +42,11 @@ def test_import_emits_no_warning():
             "-W",
             "error::DeprecationWarning",
             "-c",
-            "import sophia, sophia.reference, sophia.foreach, sophia.optimizer, sophia.hessian, "
-            "sophia.fused, sophia.experiments, sophia.experiments.model, sophia.experiments.data, "
-            "sophia.experiments.demo, sophia.experiments.train, sophia.experiments.benchmark",
+            "import sophia, sophia.reference, sophia.foreach, sophia.optimizer, "
+            "sophia.hessian, sophia.fused, sophia.experiments, "
+            "sophia.experiments.model, sophia.experiments.data, "
+            "sophia.experiments.demo, sophia.experiments.train, "
+            "sophia.experiments.benchmark, sophia.experiments.measure",
         ],
         capture_output=True,
         text=True,

@@ -19,25 +19,20 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import hyper, implementations, tiny_gpt_config, tiny_mlp
 
 from sophia import SophiaG, gnb_loss
-from sophia.experiments.model import GPT, GPTConfig
-from sophia.fused import fused_available
+from sophia.experiments.model import GPT
 
-IMPLS = [dict(foreach=False), dict(foreach=True)]
-if fused_available("cpu"):
-    IMPLS.append(dict(fused=True))
+IMPLS = list(implementations().values())
 IMPL_IDS = [
     next(iter(flags)) + "=" + str(next(iter(flags.values()))) for flags in IMPLS
 ]
-HYPER = dict(lr=3e-3, betas=(0.9, 0.99), rho=0.05, weight_decay=0.1)
+HYPER = hyper(betas=(0.9, 0.99))
 
 
 def mlp():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4)
-    )
+    return tiny_mlp(6, 12, 4)
 
 
 def batch(t):
@@ -46,7 +41,7 @@ def batch(t):
 
 
 def test_bf16_autocast_trains_the_gpt():
-    config = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    config = tiny_gpt_config(vocab_size=32)
     torch.manual_seed(0)
     model = GPT(config)
     opt = SophiaG(model.parameters(), lr=3e-3, rho=0.05, weight_decay=0.1)

@@ -26,15 +26,13 @@ step). The runs are derandomized, so CI sees the same examples every time;
 from __future__ import annotations
 
 import torch
+from conftest import implementations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sophia import SophiaG
-from sophia.fused import fused_available
 
-IMPLS = {"reference": dict(foreach=False), "foreach": dict(foreach=True)}
-if fused_available("cpu"):
-    IMPLS["fused"] = dict(fused=True)
+IMPLS = implementations()
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
 SETTINGS = settings(

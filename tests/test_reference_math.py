@@ -6,6 +6,9 @@ import torch
 from sophia import SophiaG
 from sophia.reference import hessian_ema_reference, sophiag_reference
 
+# The settings of the hand-checked steps below, apart from $B$ and $\lambda$.
+SMALL_STEP = dict(lr=0.1, beta1=0.9, rho=0.5, eps=1e-15, maximize=False)
+
 
 def one_step(param, grad, exp_avg, hessian, **hyper):
     steps = [torch.tensor(0.0)]
@@ -26,19 +29,7 @@ def test_two_element_example_worked_by_hand():
     grad = torch.tensor([0.5, -0.1], dtype=torch.float64)
     exp_avg = torch.zeros(2, dtype=torch.float64)
     hessian = torch.tensor([0.1, 0.001], dtype=torch.float64)
-    step = one_step(
-        param,
-        grad,
-        exp_avg,
-        hessian,
-        lr=0.1,
-        beta1=0.9,
-        rho=0.5,
-        bs=2,
-        weight_decay=0.1,
-        eps=1e-15,
-        maximize=False,
-    )
+    step = one_step(param, grad, exp_avg, hessian, **SMALL_STEP, bs=2, weight_decay=0.1)
     torch.testing.assert_close(
         param, torch.tensor([0.94, -1.88], dtype=torch.float64), rtol=0, atol=1e-12
     )
@@ -62,19 +53,7 @@ def test_negative_and_zero_curvature_give_a_sign_step():
     grad = torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64)
     exp_avg = torch.zeros(3, dtype=torch.float64)
     hessian = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64)
-    one_step(
-        param,
-        grad,
-        exp_avg,
-        hessian,
-        lr=0.1,
-        beta1=0.9,
-        rho=0.5,
-        bs=1,
-        weight_decay=0.0,
-        eps=1e-15,
-        maximize=False,
-    )
+    one_step(param, grad, exp_avg, hessian, **SMALL_STEP, bs=1, weight_decay=0.0)
     torch.testing.assert_close(
         param, torch.tensor([0.9, 1.1, 1.0], dtype=torch.float64), rtol=0, atol=1e-15
     )

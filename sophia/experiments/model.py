@@ -4,8 +4,6 @@ title: A small GPT to train with Sophia
 summary: A decoder-only transformer in one file - embeddings, pre-norm blocks with causal self-attention and a GELU MLP, a weight-tied head - and its parameter groups.
 ---
 
-# A small GPT
-
 Sophia was made for language-model pre-training, so this package trains a language
 model to show it: a decoder-only transformer in the style of Karpathy's
 [nanoGPT](https://github.com/karpathy/nanoGPT) (`model.py`), small enough to train on
@@ -27,7 +25,7 @@ heads. Note that this $B$ is the batch of sequences; the number of predictions p
 step that Sophia calls $B$ (the optimizer's `bs`) is $B \times T$ here.
 
 `forward(idx, targets)` returns the logits of every position, not only the last one:
-the [Gauss-Newton-Bartlett estimator](hessian.html) samples a label for every
+the [Gauss-Newton-Bartlett estimator](../hessian.html) samples a label for every
 prediction.
 """
 
@@ -59,9 +57,8 @@ INIT_STD = 0.02
 # milliseconds on two CPU cores. `GPTConfig.gpu()` is nanoGPT's character-level
 # Shakespeare model (about 10 M parameters), for a GPU.
 #
-# Every field is checked when the configuration is made, and a bad one raises a
-# `ValueError` that names the field and its value: a model that cannot be built should
-# fail here, not deep inside a matrix multiplication.
+# Every field is checked when the configuration is made, so a model that cannot be
+# built fails here, with the field named, not deep inside a matrix multiplication.
 @dataclass
 class GPTConfig:
     r"""Sizes of the GPT: vocabulary, context length, depth, heads, width, dropout."""
@@ -76,17 +73,14 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    # The probability of dropping an activation during training. Off by default: a
-    # model this small, trained for a few hundred steps, does not overfit, and dropout
-    # would add noise to the comparison of optimizers (its masks are one more random
-    # stream that differs between runs).
+    # Dropout is off by default: a model this small does not overfit in a few hundred
+    # steps, and its masks would add noise to the comparison of optimizers.
     dropout: float = 0.0
     # Biases in the linear layers and LayerNorms, as in GPT-2. nanoGPT notes that
     # without them a model is a little better and faster; we keep GPT-2's form.
     bias: bool = True
 
-    # The checks. `bool` is a subclass of `int` in Python, so `n_layer=True` would pass
-    # an `isinstance(value, int)` test as a one-block model; it is refused explicitly.
+    # `bool` is a subclass of `int`, so `n_layer=True` is refused explicitly.
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
@@ -101,10 +95,10 @@ class GPTConfig:
         # Every head gets an equal slice of the channels.
         if self.n_embd % self.n_head != 0:
             raise ValueError(
-                f"GPTConfig.n_embd must be divisible by n_head, got n_embd={self.n_embd} and n_head={self.n_head}"
+                "GPTConfig.n_embd must be divisible by n_head, got "
+                f"n_embd={self.n_embd} and n_head={self.n_head}"
             )
-        # A dropout probability of one would zero every activation, so the interval is
-        # open at the top.
+        # A probability of one would zero every activation: the interval is open at 1.
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ValueError(
                 f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}"
@@ -120,14 +114,14 @@ class GPTConfig:
     # them, or any other field, can be overridden by keyword.
     @classmethod
     def gpu(cls, **overrides) -> GPTConfig:
-        r"""nanoGPT's character-level Shakespeare model (about 10 M parameters), for a GPU; `overrides` change fields."""
+        r"""nanoGPT's character-level Shakespeare model (about 10 M parameters), for a
+        GPU; `overrides` change fields."""
         sizes = dict(block_size=256, n_layer=6, n_head=6, n_embd=384)
         sizes.update(overrides)
         return cls(**sizes)
 
-    # `dataclasses.replace` would do the same, but a misspelt field would surface as a
-    # `TypeError` about `__init__`'s keyword arguments; here the message names the
-    # field. The copy is built through `__init__`, so `__post_init__` checks it again.
+    # Unlike `dataclasses.replace`, a misspelt field gets a message that names it; the
+    # copy goes through `__init__`, so `__post_init__` checks it again.
     def replace(self, **changes) -> GPTConfig:
         r"""A copy with some fields changed (and checked again)."""
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -143,7 +137,8 @@ class GPTConfig:
 # Each head $i$ projects the input to queries, keys and values,
 # $Q_i = xW^Q_i$, $K_i = xW^K_i$, $V_i = xW^V_i$, and mixes the values of the
 # positions up to and including its own:
-# $$\operatorname{head}_i = \operatorname{softmax}\!\Big(\frac{Q_i K_i^\top}{\sqrt{C/H}} + M\Big) V_i ,$$
+# $$\operatorname{head}_i = \operatorname{softmax}\!\Big(
+#   \frac{Q_i K_i^\top}{\sqrt{C/H}} + M\Big) V_i ,$$
 # where the mask $M$ is $-\infty$ above the diagonal, so position $t$ never sees a
 # position after it: the prediction of token $t+1$ may only use tokens $1..t$. The heads
 # are concatenated and projected back to $C$ channels.
@@ -155,7 +150,8 @@ class GPTConfig:
 # the weight) and its gradient would vanish. Dividing by $\sqrt d$ keeps the scores of
 # order one, whatever the width.
 class CausalSelfAttention(nn.Module):
-    r"""Multi-head self-attention in which every position attends only to itself and the past."""
+    r"""Multi-head self-attention in which every position attends only to itself and
+    the past."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -179,22 +175,18 @@ class CausalSelfAttention(nn.Module):
         q = q.view(batch, time, self.n_head, head_size).transpose(1, 2)
         k = k.view(batch, time, self.n_head, head_size).transpose(1, 2)
         v = v.view(batch, time, self.n_head, head_size).transpose(1, 2)
-        # The masked softmax attention above, `(B, H, T, C/H)`. PyTorch's
-        # `scaled_dot_product_attention` computes it, with the scale
-        # $1/\sqrt{C/H}$ and the causal mask `is_causal=True`, in one call. Its fused
-        # kernels (flash, memory-efficient) cannot be differentiated twice; a
-        # Hessian-vector product (Sophia-H) must run the forward pass under
-        # `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`, as the training loop does.
+        # The masked softmax attention above, `(B, H, T, C/H)`, in one call with the
+        # scale $1/\sqrt{C/H}$ and `is_causal=True`. Its fused kernels cannot be
+        # differentiated twice, so Sophia-H runs it under the math backend (see
+        # [the estimators](../hessian.html)).
         #
-        # Dropout here acts on the attention weights, and only in training mode:
-        # `dropout_p` is a plain argument, not a module, so `model.eval()` cannot turn
-        # it off by itself and the test on `self.training` does.
+        # `dropout_p` is a plain argument, not a module that `model.eval()` turns off,
+        # hence the test on `self.training`.
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        # The heads side by side again, `(B, T, C)`, and the output projection. After
-        # the transpose the tensor is no longer laid out row by row in memory, and
-        # `view` needs it to be: hence `contiguous()`, which copies it.
+        # The heads side by side again, `(B, T, C)`, and the output projection;
+        # `view` needs the transposed tensor made `contiguous()` first.
         y = y.transpose(1, 2).contiguous().view(batch, time, channels)
         return self.resid_dropout(self.c_proj(y))
 
@@ -235,13 +227,15 @@ class MLP(nn.Module):
 # gradients reach the bottom blocks undisturbed:
 # $$x \leftarrow x + \operatorname{Attn}(\operatorname{LN}_1(x)), \qquad
 #   x \leftarrow x + \operatorname{MLP}(\operatorname{LN}_2(x)).$$
-# The original transformer normalized *after* the sum, $x \leftarrow \operatorname{LN}(x +
-# \operatorname{Attn}(x))$, which puts a normalization on the path of every gradient
-# and needs a careful learning-rate warm-up to train at all (Xiong et al., 2020).
+# The original transformer normalized *after* the sum,
+# $x \leftarrow \operatorname{LN}(x + \operatorname{Attn}(x))$, which puts a
+# normalization on the path of every gradient and needs a careful learning-rate
+# warm-up to train at all (Xiong et al., 2020).
 # $\operatorname{LN}(x) = \gamma \odot (x - \mu)/\sqrt{\sigma^2 + \epsilon} + \beta$,
 # with the mean $\mu$ and variance $\sigma^2$ over the $C$ channels of one position.
 class Block(nn.Module):
-    r"""One transformer block: attention, then the MLP, each on a normalized input, each added to the stream."""
+    r"""One transformer block: attention, then the MLP, each on a normalized input,
+    each added to the stream."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -265,7 +259,8 @@ class Block(nn.Module):
 # blocks never normalize the stream itself, so it is normalized once more before the
 # head reads it.
 class GPT(nn.Module):
-    r"""A decoder-only transformer language model; `forward(idx, targets=None)` returns `(logits, loss)`."""
+    r"""A decoder-only transformer language model; `forward(idx, targets=None)`
+    returns `(logits, loss)`."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -286,7 +281,7 @@ class GPT(nn.Module):
         # Weight tying (Press and Wolf, 2017): the head that turns a vector into
         # logits is the transpose of the embedding that turns a token into a vector,
         # $\text{logits} = \operatorname{LN}(x)\, W_{te}^\top$. One matrix, one
-        # parameter: the optimizer sees it once and its gradient is the sum of both uses.
+        # parameter: the optimizer sees it once, its gradient the sum of both uses.
         #
         # For Sophia this means one momentum and one Hessian estimate for the matrix,
         # both of the summed gradient, which is what the loss as a function of that one
@@ -325,7 +320,8 @@ class GPT(nn.Module):
     # nanoGPT's "non-embedding" count leaves out the position embedding only: the
     # token embedding is also the head, and does work at the top of the model.
     def num_params(self, non_embedding: bool = False) -> int:
-        r"""The number of parameters (the tied matrix once); without the position embedding if `non_embedding`."""
+        r"""The number of parameters (the tied matrix once); without the position
+        embedding if `non_embedding`."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
@@ -343,17 +339,18 @@ class GPT(nn.Module):
     # uncertain as. A model that knows nothing predicts the uniform distribution and
     # scores $L = \ln V$, perplexity $V$.
     #
-    # The checks come first, each with a message that says what was wrong. The
-    # position embedding has `block_size` rows, so a longer sequence would index past
-    # it; an empty sequence would give a mean over no predictions, a NaN.
+    # The checks come first: a sequence longer than `block_size` would index past the
+    # position embedding; an empty one would give a mean over nothing, a NaN.
     def forward(
         self, idx: Tensor, targets: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        r"""Logits `(B, T, V)` for token ids `idx` `(B, T)`, and the mean cross-entropy against `targets` if given."""
+        r"""Logits `(B, T, V)` for token ids `idx` `(B, T)`, and the mean cross-entropy
+        against `targets` if given."""
         if not isinstance(idx, Tensor) or idx.dim() != 2:
             shape = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(
-                f"GPT.forward: idx must be a (batch, time) tensor of token ids, got {shape}"
+                "GPT.forward: idx must be a (batch, time) tensor of token ids, got "
+                f"{shape}"
             )
         if idx.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
             raise ValueError(
@@ -362,7 +359,8 @@ class GPT(nn.Module):
         batch, time = idx.shape
         if time > self.config.block_size:
             raise ValueError(
-                f"GPT.forward: sequence length {time} is longer than block_size={self.config.block_size}"
+                f"GPT.forward: sequence length {time} is longer than "
+                f"block_size={self.config.block_size}"
             )
         if time == 0:
             raise ValueError(
@@ -370,7 +368,8 @@ class GPT(nn.Module):
             )
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(
-                f"GPT.forward: targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}"
+                "GPT.forward: targets must have the shape of idx "
+                f"{tuple(idx.shape)}, got {tuple(targets.shape)}"
             )
 
         # Token ids may arrive as any integer type (a corpus of bytes is `uint8`);
@@ -401,22 +400,19 @@ class GPT(nn.Module):
 
     # ## Parameter groups
     #
-    # Weight decay pulls weights towards zero, which is what we want of the matrices
-    # that multiply activations (and of the embeddings, which are such matrices), and
-    # not of the biases and the LayerNorm gains: shrinking a gain towards zero does
-    # not regularize anything, it rescales a layer the next one must then undo. The
-    # nanoGPT convention is simple and says exactly that: every parameter with two or
-    # more dimensions is decayed, every other one is not. The groups are plain
-    # `{"params": ..., "weight_decay": ...}` dictionaries, so `torch.optim.AdamW`,
-    # `SophiaG` and `SophiaH` all take them.
-    #
-    # In this model the decayed group is the tied embedding and head, the position
-    # embedding and the weight of every linear layer; the other group is the biases and
-    # the LayerNorm gains $\gamma$ and shifts $\beta$. Both optimizers decay in the
-    # decoupled way, $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$, so $\lambda$ =
-    # `weight_decay` acts the same under either.
+    # Weight decay pulls the matrices that multiply activations (the embeddings too)
+    # towards zero, but not the biases and LayerNorm gains: shrinking a gain only
+    # rescales a layer the next one must undo. nanoGPT's rule says exactly that: every
+    # parameter with two or more dimensions is decayed, every other one is not. Here
+    # the decayed group is the tied embedding and head, the position embedding and
+    # every linear weight. The groups are plain dictionaries that
+    # `torch.optim.AdamW`, `SophiaG` and `SophiaH` all take, and all of them decay the
+    # decoupled way of Algorithm 3's line 11,
+    # $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$, so $\lambda$ = `weight_decay`
+    # acts the same under each.
     def param_groups(self, weight_decay: float) -> list[dict]:
-        r"""Two parameter groups: 2-D (and higher) weights with `weight_decay`, the rest with none."""
+        r"""Two parameter groups: 2-D (and higher) weights with `weight_decay`, the
+        rest with none."""
         if (
             isinstance(weight_decay, bool)
             or not isinstance(weight_decay, (int, float))
@@ -425,8 +421,7 @@ class GPT(nn.Module):
             raise ValueError(
                 f"weight_decay must be a finite number >= 0, got {weight_decay!r}"
             )
-        # Frozen parameters (none here, but a caller may freeze some) stay out of both
-        # groups: an optimizer would otherwise keep state for them and never use it.
+        # Frozen parameters stay out: an optimizer would keep state for them unused.
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
