@@ -113,23 +113,23 @@ RELATED_NOTEBOOKS = {
     "__init__": [0],
     "__main__": [0],
     "reference": [0],
-    "demo": [0],
     "foreach": [0, 3],
     "optimizer": [0, 2],
     "hessian": [1],
-    "model": [2],
-    "data": [2],
-    "train": [2],
     "fused": [3],
-    "benchmark": [3],
     "csrc/": [3],
+    "experiments/demo": [0],
+    "experiments/benchmark": [3],
+    "experiments/measure": [3],
+    "experiments/": [2],
 }
 
 
+# A page's own entry wins over its folder's (`experiments/demo` over `experiments/`).
 def related_notebooks(page: str) -> list[int]:
     name = page[len("code/") : -len(".md")]
     folder, _, _ = name.rpartition("/")
-    return RELATED_NOTEBOOKS.get(f"{folder}/" if folder else name, [])
+    return RELATED_NOTEBOOKS.get(name, RELATED_NOTEBOOKS.get(f"{folder}/", []))
 
 
 # The build date. MkDocs honours `SOURCE_DATE_EPOCH` wherever it writes a date; we fix

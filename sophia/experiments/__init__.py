@@ -13,7 +13,8 @@ that *use* it, and nothing in the library imports it.
 * [`train`](train.html): the training loop, `python -m sophia.train`, and the comparison
   of AdamW with Sophia-G and Sophia-H, `python -m sophia.train compare`.
 * [`benchmark`](benchmark.html): one optimizer step timed against AdamW,
-  `python -m sophia.benchmark`.
+  `python -m sophia.benchmark`, and [`measure`](measure.html): the parameter set it
+  times, its clock and the memory bandwidth it compares with.
 * [`demo`](demo.html): the one-minute tour, `python -m sophia`.
 
 labml and matplotlib are needed here only (`pip install "literate-sophia[train]"`).
