@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from sophia import SophiaG, SophiaH, gnb_loss
-from sophia.experiments.model import GPTConfig
-from sophia.experiments.train import (
-    TrainConfig,
+from sophia.experiments.checkpoint import (
     checkpoint_path,
     load_checkpoint,
     save_checkpoint,
-    train,
 )
+from sophia.experiments.config import TrainConfig
+from sophia.experiments.model import GPTConfig
+from sophia.experiments.train import train
 
 HYPER = dict(lr=0.02, betas=(0.9, 0.95), rho=0.05, weight_decay=0.1)
 
@@ -219,7 +219,16 @@ def test_a_negative_hessian_loads():
     p = torch.zeros(3, requires_grad=True)
     opt = SophiaH([p])
     opt.update_hessian([torch.tensor([-1.0, 0.0, 2.0])])
-    SophiaH([torch.zeros(3, requires_grad=True)]).load_state_dict(opt.state_dict())
+    saved = opt.state_dict()["state"][0]
+    assert (saved["hessian"] < 0).any(), "the state to load should hold a negative h"
+    q = torch.zeros(3, requires_grad=True)
+    loaded_opt = SophiaH([q])
+    loaded_opt.load_state_dict(opt.state_dict())
+    loaded = loaded_opt.state[q]
+    for key in ("hessian", "exp_avg", "step"):
+        assert torch.equal(torch.as_tensor(loaded[key]), torch.as_tensor(saved[key])), (
+            f"{key} after loading is {loaded[key]}, expected the saved {saved[key]}"
+        )
 
 
 # ## The training loop

@@ -3,6 +3,7 @@ is refused in one line, labml stays inside --out, and compare writes its figure 
 
 import csv
 import dataclasses
+import importlib.util
 import math
 import os
 import subprocess
@@ -13,19 +14,14 @@ import pytest
 import torch
 
 import sophia
-import sophia.experiments.train as train_module
+import sophia.experiments.cli as cli_module
+import sophia.experiments.compare as compare_module
+from sophia.experiments.cli import main
+from sophia.experiments.compare import compare, steps_to_reach, summarize
+from sophia.experiments.config import TrainConfig, lr_at
 from sophia.experiments.data import Corpus, load_corpus
 from sophia.experiments.model import GPTConfig
-from sophia.experiments.train import (
-    RunResult,
-    TrainConfig,
-    compare,
-    lr_at,
-    main,
-    steps_to_reach,
-    summarize,
-    train,
-)
+from sophia.experiments.train import RunResult, train
 
 TINY_MODEL = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 TINY = TrainConfig(
@@ -311,14 +307,14 @@ def test_compare_refuses_bad_learning_rates(tmp_path, capsys, lr, match):
 def test_a_missing_optional_package_is_named_before_training(
     tmp_path, capsys, monkeypatch
 ):
-    real = train_module.importlib.util.find_spec
+    real = importlib.util.find_spec
     monkeypatch.setattr(
-        train_module.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "matplotlib" else real(name, *a),
     )
     monkeypatch.setattr(
-        train_module, "compare", lambda *a, **k: pytest.fail("trained before checking")
+        cli_module, "compare", lambda *a, **k: pytest.fail("trained before checking")
     )
     assert main(["compare", "--out", str(tmp_path), *TINY_ARGS]) == 1
     assert_one_line_error(
@@ -402,7 +398,7 @@ def test_compare_writes_the_figure_and_tables(tmp_path, capsys):
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == train_module.CSV_COLUMNS
+    assert tuple(rows[0]) == compare_module.CSV_COLUMNS
     assert [r["optimizer"] for r in rows] == ["adamw", "sophiag", "sophiah"]
     assert all(r["seeds"] == "2" and r["baseline"] == "adamw" for r in rows)
     assert rows[0]["hessian_overhead_pct"] == "0.0" and rows[0]["win_rate_mean"] == ""
@@ -411,7 +407,7 @@ def test_compare_writes_the_figure_and_tables(tmp_path, capsys):
         and 0 <= float(rows[1]["win_rate_mean"]) <= 1
     )
     table = (out / "compare.md").read_text()
-    assert "| " + " | ".join(train_module.MARKDOWN_HEADER) + " |" in table
+    assert "| " + " | ".join(compare_module.MARKDOWN_HEADER) + " |" in table
     for name in ("adamw", "sophiag", "sophiah"):
         assert f"| {name} |" in table
     assert "| adamw |" in capsys.readouterr().out
@@ -463,7 +459,7 @@ def test_labml_notebook_output_works_with_ipython_9(tmp_path):
         "def display(*objs, **kwargs):\n    return objs\n"
     )
     code = (
-        "import IPython.core.display, sophia.experiments.train\n"
+        "import IPython.core.display, sophia.experiments.tracking\n"
         "try:\n"
         "    import labml.internal.logger.destinations.ipynb\n"
         "except ImportError:\n"
@@ -473,7 +469,7 @@ def test_labml_notebook_output_works_with_ipython_9(tmp_path):
         "import sys\n"
         "for name in [m for m in sys.modules if m.startswith('labml.internal.logger.destinations.ipynb')]:\n"
         "    del sys.modules[name]\n"
-        "sophia.experiments.train._ipython_shim()\n"
+        "sophia.experiments.tracking._ipython_shim()\n"
         "import labml.internal.logger.destinations.ipynb\n"
     )
     env = {
