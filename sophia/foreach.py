@@ -4,8 +4,6 @@ title: Sophia, the torch._foreach version
 summary: The reference step, done for a whole list of tensors per operation.
 ---
 
-# Sophia, the `torch._foreach` version
-
 The [reference](reference.html) updates one tensor at a time: for a model with a few
 hundred parameter tensors that is a few thousand small kernel launches per step, and on
 a GPU the launches, not the arithmetic, set the pace. PyTorch's `torch._foreach_*`
@@ -50,7 +48,8 @@ from .reference import _as_real, _is_zero_in
 # has changed between releases, and these few lines are easier to read than a pinned
 # private API.
 def group_by_device_and_dtype(*lists: list[Tensor]) -> dict[tuple, list[list[Tensor]]]:
-    r"""Split parallel tensor lists into groups whose first tensors share device and dtype."""
+    r"""Split parallel tensor lists into groups whose first tensors share device and
+    dtype."""
     groups: dict[tuple, list[list[Tensor]]] = defaultdict(lambda: [[] for _ in lists])
     for tensors in zip(*lists):
         key = (tensors[0].device, tensors[0].dtype)
@@ -91,7 +90,8 @@ def sophiag_foreach(
     eps: float,
     maximize: bool,
 ) -> None:
-    r"""Take one Sophia step on every tensor of `params`, one foreach op per formula per group."""
+    r"""Take one Sophia step on every tensor of `params`, one foreach op per formula
+    per group."""
     if not params:
         return
 
@@ -113,11 +113,11 @@ def sophiag_foreach(
         hessians_w = _opmath_list(group_hessians)
 
         # Reference: `param_w.mul_(1 - lr * weight_decay)`,
-        # $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$.
+        # $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$ (line 11 of Algorithm 3).
         torch._foreach_mul_(params_w, 1 - lr * weight_decay)
 
         # Reference: `exp_avg_w.mul_(beta1).add_(grad_w, alpha=1 - beta1)`,
-        # $m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t$.
+        # $m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t$ (line 6 of Algorithm 3).
         torch._foreach_mul_(exp_avgs_w, beta1)
         torch._foreach_add_(exp_avgs_w, grads_w, alpha=1 - beta1)
 
@@ -135,7 +135,8 @@ def sophiag_foreach(
         torch._foreach_clamp_min_(updates, -1)
         torch._foreach_clamp_max_(updates, 1)
 
-        # Reference: `param_w.add_(update, alpha=-lr)`, $\theta_t = \theta_{t-1} - \eta_t u_t$.
+        # Reference: `param_w.add_(update, alpha=-lr)`,
+        # $\theta_t = \theta_{t-1} - \eta_t u_t$ (line 12 of Algorithm 3).
         torch._foreach_add_(params_w, updates, alpha=-lr)
 
         # Reference: round the working copies into storage (half precision only).
@@ -146,7 +147,7 @@ def sophiag_foreach(
 
 # ## The Hessian EMA
 #
-# Reference: `hessian_ema_reference`,
+# Reference: `hessian_ema_reference` (lines 7–10 of Algorithm 3),
 # $h \leftarrow \beta_2 h + (1 - \beta_2)\,\hat g\odot\hat g$ (`square=True`) or
 # $h \leftarrow \beta_2 h + (1 - \beta_2)\,\hat h$ (`square=False`).
 def hessian_ema_foreach(
@@ -156,7 +157,8 @@ def hessian_ema_foreach(
     beta2: float,
     square: bool,
 ) -> None:
-    r"""Fold one estimate per tensor into `hessians`, one foreach op per formula per group."""
+    r"""Fold one estimate per tensor into `hessians`, one foreach op per formula per
+    group."""
     for group_hessians, group_estimates in group_by_device_and_dtype(
         hessians, estimates
     ).values():

@@ -1,10 +1,8 @@
 r"""
 ---
 title: Hessian estimators
-summary: Three ways to get the diagonal of the Hessian, as plain functions a training loop can swap.
+summary: Three estimates of the Hessian diagonal, as functions a training loop can swap.
 ---
-
-# Hessian estimators
 
 Sophia divides its momentum by $\rho\,h$, where $h$ is a moving average of estimates
 $\hat h$ of the diagonal of the Hessian $\nabla^2 L(\theta)$. The
@@ -40,9 +38,9 @@ opt.zero_grad(set_to_none=True)
 ```
 
 `hutchinson` returns $\hat h$ itself, one tensor per parameter, so it goes in through
-`update_hessian(estimates=...)`, and its scale is already that of the Hessian: step with
-`bs=1`. Mixing the two conventions (Hutchinson estimates stepped with `bs=B`) makes every
-step $B$ times too timid.
+`update_hessian(estimates=...)`, and its scale is already that of the Hessian: step
+with `bs=1`. Mixing the two conventions (Hutchinson estimates stepped with `bs=B`)
+makes every step $B$ times too timid.
 
 ```python
 loss = loss_fn(model(x), y)
@@ -79,22 +77,25 @@ __all__ = ["gnb_loss", "hutchinson", "exact_hessian_diagonal"]
 
 # ## Checking the inputs
 #
-# The three estimators share their checks, and each error message names the argument
-# it is about, with the offending value, shape or dtype, so that the traceback alone
-# says what to fix.
-#
+# The estimators share their checks; each message names the argument and the value,
+# shape or dtype it got. First, a loss or logits: a real floating-point tensor.
+def _check_real_tensor(value: object, name: str, fn: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{fn}: `{name}` must be a torch.Tensor, got {type(value).__name__}"
+        )
+    if not value.is_floating_point():
+        raise TypeError(
+            f"{fn}: `{name}` must be a real floating-point tensor, "
+            f"got dtype {value.dtype}"
+        )
+
+
 # The loss must be a real floating-point scalar that is part of a graph: without a
 # `grad_fn` there is nothing to differentiate (the usual cause is a forward pass under
 # `torch.no_grad()`, or parameters with `requires_grad=False`).
 def _check_loss(loss: object, fn: str) -> None:
-    if not isinstance(loss, Tensor):
-        raise TypeError(
-            f"{fn}: `loss` must be a torch.Tensor, got {type(loss).__name__}"
-        )
-    if not loss.is_floating_point():
-        raise TypeError(
-            f"{fn}: `loss` must be a real floating-point tensor, got dtype {loss.dtype}"
-        )
+    _check_real_tensor(loss, "loss", fn)
     if loss.numel() != 1:
         raise ValueError(
             f"{fn}: `loss` must be a scalar, got shape {tuple(loss.shape)}"
@@ -115,8 +116,8 @@ def _check_loss(loss: object, fn: str) -> None:
 def _check_params(params: object, fn: str) -> list[Tensor]:
     if isinstance(params, Tensor) or not isinstance(params, Iterable):
         raise TypeError(
-            f"{fn}: `params` must be a sequence of tensors, got {type(params).__name__}; "
-            "wrap a single tensor in a list"
+            f"{fn}: `params` must be a sequence of tensors, "
+            f"got {type(params).__name__}; wrap a single tensor in a list"
         )
     params = list(params)
     if not params:
@@ -128,8 +129,8 @@ def _check_params(params: object, fn: str) -> list[Tensor]:
             )
         if p.is_complex():
             raise TypeError(
-                f"{fn}: `params[{i}]` has complex dtype {p.dtype}; complex parameters are not "
-                "supported, pass torch.view_as_real views of them instead"
+                f"{fn}: `params[{i}]` has complex dtype {p.dtype}; complex parameters "
+                "are not supported, pass torch.view_as_real views of them instead"
             )
         if not p.is_floating_point():
             raise TypeError(
@@ -142,18 +143,44 @@ def _check_params(params: object, fn: str) -> list[Tensor]:
     return params
 
 
+# Logits of shape $(\ldots, V)$ with at least one prediction. A logit of $-\infty$ is a
+# masked class (probability zero) and is fine; NaN, $+\infty$, or a prediction whose
+# every class is masked has no distribution to sample from. (This check waits for the
+# device once per refresh.)
+def _check_logits(logits: object, fn: str) -> None:
+    _check_real_tensor(logits, "logits", fn)
+    shape = tuple(logits.shape)
+    if logits.dim() < 1:
+        raise ValueError(f"{fn}: `logits` must have shape (..., V), got shape {shape}")
+    if logits.shape[-1] < 1:
+        raise ValueError(f"{fn}: `logits` has vocabulary size V = 0 (shape {shape})")
+    if logits.numel() == 0:
+        raise ValueError(f"{fn}: `logits` has no predictions (shape {shape})")
+    detached = logits.detach()
+    if bool(torch.isnan(detached).any() | torch.isposinf(detached).any()):
+        raise ValueError(
+            f"{fn}: `logits` (shape {shape}, dtype {logits.dtype}) "
+            "contains NaN or +inf values"
+        )
+    if bool(torch.isneginf(detached).all(dim=-1).any()):
+        raise ValueError(
+            f"{fn}: `logits` (shape {shape}) has a prediction with every class at -inf"
+        )
+
+
 # A `generator`, when given, makes the random draws (sampled labels, probes)
 # reproducible; anything else in its place is a mistake worth a clear message.
 def _check_generator(generator: object, fn: str) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
-            f"{fn}: `generator` must be a torch.Generator or None, got {type(generator).__name__}"
+            f"{fn}: `generator` must be a torch.Generator or None, "
+            f"got {type(generator).__name__}"
         )
 
 
 # Gradients from the caller: one per parameter, of the same shape. `None` (what
-# `torch.autograd.grad(..., allow_unused=True)` returns for a parameter the loss does not
-# use) stands for a zero gradient.
+# `torch.autograd.grad(..., allow_unused=True)` returns for a parameter the loss does
+# not use) stands for a zero gradient.
 def _check_grads(grads: object, params: list[Tensor], fn: str) -> list[Tensor]:
     if isinstance(grads, Tensor) or not isinstance(grads, Iterable):
         raise TypeError(
@@ -170,11 +197,13 @@ def _check_grads(grads: object, params: list[Tensor], fn: str) -> list[Tensor]:
             g = torch.zeros_like(p)
         elif not isinstance(g, Tensor):
             raise TypeError(
-                f"{fn}: `grads[{i}]` must be a torch.Tensor or None, got {type(g).__name__}"
+                f"{fn}: `grads[{i}]` must be a torch.Tensor or None, "
+                f"got {type(g).__name__}"
             )
         elif g.shape != p.shape:
             raise ValueError(
-                f"{fn}: `grads[{i}]` has shape {tuple(g.shape)} but `params[{i}]` has shape {tuple(p.shape)}"
+                f"{fn}: `grads[{i}]` has shape {tuple(g.shape)} "
+                f"but `params[{i}]` has shape {tuple(p.shape)}"
             )
         checked.append(g)
     return checked
@@ -198,19 +227,20 @@ def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 # $p_b = \operatorname{softmax}(z_b)$, the Hessian is
 # \begin{align}
 #   \nabla^2 L = \underbrace{\frac1B \sum_b J_b^\top S_b J_b}_{G,\ \text{Gauss-Newton}}
-#   \; + \; \frac1B \sum_b \sum_{c} \frac{\partial \ell}{\partial z_{bc}}\,\nabla^2_\theta z_{bc},
+#   + \frac1B \sum_b \sum_{c} \frac{\partial \ell}{\partial z_{bc}}\,
+#     \nabla^2_\theta z_{bc},
 #   \qquad S_b = \nabla_z^2 \ell(z_b, y_b) = \operatorname{diag}(p_b) - p_b p_b^\top .
 # \end{align}
-# The second term involves the curvature of the network itself and can be of either sign;
-# the first, the Gauss-Newton matrix $G$, is positive semi-definite (each $S_b$ is a
-# covariance matrix) and does not depend on the labels $y_b$. Sophia-G estimates
+# The second term involves the curvature of the network itself and can be of either
+# sign; the first, the Gauss-Newton matrix $G$, is positive semi-definite (each $S_b$
+# is a covariance matrix) and does not depend on the labels $y_b$. Sophia-G estimates
 # $\operatorname{diag}(G)$.
 #
 # ### Bartlett's identities
 #
 # Sample a label from the model's own prediction, $\hat y_b \sim p_b$. The gradient of
-# the loss against it, in logit space, is $\nabla_z \ell(z_b, \hat y_b) = p_b - e_{\hat y_b}$,
-# and
+# the loss against it, in logit space, is
+# $\nabla_z \ell(z_b, \hat y_b) = p_b - e_{\hat y_b}$, and
 # \begin{align}
 #   \mathbb E_{\hat y_b}\big[p_b - e_{\hat y_b}\big] &= p_b - p_b = 0
 #     && \text{(Bartlett's first identity)}, \\
@@ -275,55 +305,21 @@ def gnb_loss(
     """
     fn = "gnb_loss"
     _check_generator(generator, fn)
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"{fn}: `logits` must be a torch.Tensor, got {type(logits).__name__}"
-        )
-    if not logits.is_floating_point():
-        raise TypeError(
-            f"{fn}: `logits` must be a real floating-point tensor, got dtype {logits.dtype}"
-        )
-    if logits.dim() < 1:
-        raise ValueError(
-            f"{fn}: `logits` must have shape (..., V), got shape {tuple(logits.shape)}"
-        )
-    vocab_size = logits.shape[-1]
-    if vocab_size < 1:
-        raise ValueError(
-            f"{fn}: `logits` has vocabulary size V = 0 (shape {tuple(logits.shape)})"
-        )
-    if logits.numel() == 0:
-        raise ValueError(
-            f"{fn}: `logits` has no predictions (shape {tuple(logits.shape)})"
-        )
-    # A logit of $-\infty$ is a masked class (probability zero) and is fine; NaN,
-    # $+\infty$, or a prediction whose every class is masked has no distribution to
-    # sample from. (This check waits for the device once per refresh.)
-    detached = logits.detach()
-    if bool(torch.isnan(detached).any() | torch.isposinf(detached).any()):
-        raise ValueError(
-            f"{fn}: `logits` (shape {tuple(logits.shape)}, dtype {logits.dtype}) contains NaN or +inf values"
-        )
-    if bool(torch.isneginf(detached).all(dim=-1).any()):
-        raise ValueError(
-            f"{fn}: `logits` (shape {tuple(logits.shape)}) has a prediction with every class at -inf"
-        )
+    _check_logits(logits, fn)
 
     # Every position of the leading dimensions is one prediction: $(\ldots, V)$ becomes
     # $(B, V)$, and $B$ is a Python `int`, ready to be the optimizer's `bs`.
-    logits_2d = logits.reshape(-1, vocab_size)
+    logits_2d = logits.reshape(-1, logits.shape[-1])
     num_predictions = logits_2d.shape[0]
 
-    # Sample $\hat y_b \sim \operatorname{softmax}(z_b)$ for every prediction $b$. The
-    # labels are data, not a function of $\theta$: no gradient flows through the
-    # sampling. The probabilities are computed in `float32` even for half-precision
-    # logits: in `bfloat16` a probability has 8 bits of mantissa, and the small
-    # probabilities of a large vocabulary would be badly rounded. `torch.multinomial`
-    # with one draw per row samples from the same distribution as
-    # `torch.distributions.Categorical(logits=logits).sample()` (which the reference
-    # training loop uses), and it takes a `generator`. A generator lives on one device;
-    # we sample there and bring the labels back (pass a generator on the logits' device
-    # to avoid copying the probabilities).
+    # Sample $\hat y_b \sim \operatorname{softmax}(z_b)$ for every prediction $b$; the
+    # labels are data, and no gradient flows through the sampling. The probabilities
+    # are in `float32` even for half-precision logits: with 8 bits of mantissa
+    # (`bfloat16`) the small probabilities of a large vocabulary would be badly rounded.
+    # `torch.multinomial`, one draw per row, samples as the reference training loop's
+    # `Categorical(logits=logits).sample()` does, and takes a `generator`, which lives
+    # on one device: we sample there and bring the labels back (a generator on the
+    # logits' device saves copying the probabilities).
     with torch.no_grad():
         probs = torch.softmax(logits_2d.detach().float(), dim=-1)
         if generator is not None and generator.device != probs.device:
@@ -359,10 +355,10 @@ def gnb_loss(
 #
 # Where the loss is not convex, $H_{ii}$ itself can be negative, and even where it is
 # positive the noise term $\sum_{j\ne i} H_{ij}u_iu_j$ can make one estimate negative.
-# The optimizer must therefore never divide by $\rho h$ as it is: a negative
-# denominator turns the step uphill. Sophia divides by $\max(\rho h, \epsilon)$ and clips
-# the ratio to $[-1, 1]$, so a coordinate with $h \le 0$ takes a sign step of size
-# $\eta$ instead. (The reference code's `+ 1e-15` does not protect against this.)
+# A negative denominator $\rho h$ would turn the step uphill: Sophia divides by
+# $\max(\rho h, \epsilon)$ and clips the ratio to $[-1, 1]$, so a coordinate with
+# $h \le 0$ takes a sign step of size $\eta$ (the [errata](../errata.md) say why the
+# reference code's `+ 1e-15` does not).
 #
 # ### Variance, and which probe to use
 #
@@ -409,22 +405,93 @@ def _probe(
     like: Tensor, distribution: str, generator: torch.Generator | None
 ) -> Tensor:
     device = generator.device if generator is not None else like.device
+    draw = dict(generator=generator, device=device, dtype=like.dtype)
     if distribution == "rademacher":
-        u = torch.randint(
-            0, 2, like.shape, generator=generator, device=device, dtype=like.dtype
-        )
-        u = u.mul_(2).sub_(1)
+        u = torch.randint(0, 2, like.shape, **draw).mul_(2).sub_(1)
     else:
-        u = torch.randn(
-            like.shape, generator=generator, device=device, dtype=like.dtype
-        )
+        u = torch.randn(like.shape, **draw)
     return u.to(like.device)
 
 
-# The probe distributions `hutchinson` accepts.
+# The probe distributions `hutchinson` accepts, and the check of its settings.
 _DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
+def _check_probe_settings(n_samples: object, distribution: object, fn: str) -> None:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+        raise TypeError(f"{fn}: `n_samples` must be an int >= 1, got {n_samples!r}")
+    if n_samples < 1:
+        raise ValueError(f"{fn}: `n_samples` must be an int >= 1, got {n_samples!r}")
+    if distribution not in _DISTRIBUTIONS:
+        raise ValueError(
+            f"{fn}: `distribution` must be one of {_DISTRIBUTIONS}, "
+            f"got {distribution!r}"
+        )
+
+
+# The gradient $g = \nabla_\theta L$ with its own graph (`create_graph=True`), zero
+# for a parameter the loss does not use. Only the gradients that are functions of
+# $\theta$ take part in the double backward (`live`): if $g_j$ is a constant, row and
+# column $j$ of $H$ are zero, and so is its estimate. Caller's gradients of which *none*
+# has a graph were surely computed without `create_graph=True`: say so, rather than
+# return zeros.
+def _gradient_with_graph(
+    loss: Tensor, params: list[Tensor], grads: object, fn: str
+) -> tuple[Sequence[Tensor], list[int]]:
+    if grads is None:
+        grads = torch.autograd.grad(
+            loss, params, create_graph=True, allow_unused=True, materialize_grads=True
+        )
+        from_caller = False
+    else:
+        grads = _check_grads(grads, params, fn)
+        from_caller = True
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    if not live and from_caller:
+        raise ValueError(
+            f"{fn}: none of `grads` has a graph; compute them with "
+            "torch.autograd.grad(loss, params, create_graph=True)"
+        )
+    return grads, live
+
+
+# ### Kernels with no second derivative
+#
+# $H u$ is what `grad_outputs=u` computes: the vector-Jacobian product of $g$ with $u$,
+# and the Jacobian of $g$ is $H$. The graph is retained for the next probe (and for the
+# caller, who may still back-propagate `loss`).
+#
+# Some of PyTorch's fastest kernels have no second derivative: the flash and
+# memory-efficient attention of `F.scaled_dot_product_attention` among them. Their
+# error names an ATen function and nothing else, so we say what to do: build the loss
+# for Hutchinson with the math kernel, inside
+# `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`. (Gauss-Newton-Bartlett needs only
+# a first backward, so the fast kernels serve it.)
+def _hessian_vector_products(
+    grads: Sequence[Tensor], params: list[Tensor], live: list[int], probes: list[Tensor]
+) -> tuple[Tensor, ...]:
+    try:
+        return torch.autograd.grad(
+            [grads[i] for i in live],
+            params,
+            grad_outputs=[probes[i] for i in live],
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    except RuntimeError as error:
+        if "derivative for" not in str(error) or "not implemented" not in str(error):
+            raise
+        raise RuntimeError(
+            "hutchinson: the loss's graph has an operation with no second derivative "
+            f"({error}). Hutchinson's estimator differentiates the gradient; build the "
+            "loss it is given without such kernels, e.g. run that forward pass inside "
+            "`torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)` "
+            "for attention"
+        ) from error
+
+
+# ### The estimator
 def hutchinson(
     loss: Tensor,
     params: Sequence[Tensor],
@@ -443,45 +510,14 @@ def hutchinson(
     not influence the loss get zeros. Unbiased, but entries can be negative.
     """
     fn = "hutchinson"
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int):
-        raise TypeError(f"{fn}: `n_samples` must be an int >= 1, got {n_samples!r}")
-    if n_samples < 1:
-        raise ValueError(f"{fn}: `n_samples` must be an int >= 1, got {n_samples!r}")
-    if distribution not in _DISTRIBUTIONS:
-        raise ValueError(
-            f"{fn}: `distribution` must be one of {_DISTRIBUTIONS}, got {distribution!r}"
-        )
+    _check_probe_settings(n_samples, distribution, fn)
     _check_generator(generator, fn)
     _check_loss(loss, fn)
     params = _check_params(params, fn)
+    grads, live = _gradient_with_graph(loss, params, grads, fn)
 
-    # The gradient $g = \nabla_\theta L$, with its own graph (`create_graph=True`) so
-    # that it can be differentiated again. A parameter the loss does not depend on gets
-    # a zero gradient (`materialize_grads`).
-    if grads is None:
-        grads = torch.autograd.grad(
-            loss, params, create_graph=True, allow_unused=True, materialize_grads=True
-        )
-        from_caller = False
-    else:
-        grads = _check_grads(grads, params, fn)
-        from_caller = True
-
-    # Only the gradients that are themselves functions of $\theta$ take part in the
-    # double backward. The others are constants: if $g_j$ does not depend on $\theta$,
-    # row $j$ of $H$ is zero, and so (by symmetry) is column $j$; their estimates are zero.
-    # If the caller passed gradients and *none* of them has a graph, they were almost
-    # surely computed without `create_graph=True`: say so, instead of returning zeros.
-    live = [i for i, g in enumerate(grads) if g.requires_grad]
-    if not live and from_caller:
-        raise ValueError(
-            f"{fn}: none of `grads` has a graph; compute them with "
-            "torch.autograd.grad(loss, params, create_graph=True)"
-        )
-
-    # The running sums $\sum_s u^{(s)} \odot (H u^{(s)})$, in `float32` for
-    # half-precision parameters so that averaging many probes does not round each term
-    # to 8 bits of mantissa.
+    # The running sums $\sum_s u^{(s)} \odot (H u^{(s)})$, in `float32` for half
+    # precision, so that averaging probes does not round each term to 8 bits.
     sums = [torch.zeros_like(p, dtype=_opmath_dtype(p.dtype)) for p in params]
 
     for _ in range(n_samples):
@@ -489,37 +525,8 @@ def hutchinson(
         probes = [_probe(p, distribution, generator) for p in params]
         if not live:
             continue
-
-        # The Hessian-vector product by double backward,
-        # $$H u = \nabla_\theta \langle g, u \rangle ,$$
-        # which is what `grad_outputs=u` computes: the vector-Jacobian product of $g$
-        # with $u$, and the Jacobian of $g$ is $H$. The graph is retained for the next
-        # probe (and for the caller, who may still back-propagate `loss`).
-        #
-        # Some of PyTorch's fastest kernels have no second derivative: the flash and
-        # memory-efficient attention of `F.scaled_dot_product_attention` among them.
-        # Their error names an ATen function and nothing else, so we say what to do.
-        try:
-            hvps = torch.autograd.grad(
-                [grads[i] for i in live],
-                params,
-                grad_outputs=[probes[i] for i in live],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        except RuntimeError as error:
-            if "derivative for" not in str(error) or "not implemented" not in str(
-                error
-            ):
-                raise
-            raise RuntimeError(
-                f"hutchinson: the loss's graph has an operation with no second derivative ({error}). "
-                "Hutchinson's estimator differentiates the gradient; build the loss it is given without "
-                "such kernels, e.g. run that forward pass inside "
-                "`torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)` for attention"
-            ) from error
-
+        # $H u = \nabla_\theta \langle g, u \rangle$, by double backward (above).
+        hvps = _hessian_vector_products(grads, params, live, probes)
         # $$\hat h = u \odot (H u).$$
         for total, u, hu in zip(sums, probes, hvps):
             total.add_(u.to(total.dtype) * hu.to(total.dtype))
@@ -538,12 +545,11 @@ def hutchinson(
 # Within one parameter tensor we differentiate $g_i$ with respect to that tensor only;
 # the other tensors' entries of row $i$ are off-diagonal and not needed.
 #
-# **Cost.** One backward pass through the graph of the gradient *per coordinate*: $n$
-# coordinates cost about $2n$ backward passes. That is fine for a few thousand
-# parameters and hopeless for a real network, so the function refuses more than
-# `max_numel` coordinates in total. `torch.func.hessian` would build the whole
-# $n \times n$ matrix; this loop needs only $O(n)$ memory beyond the graph. The result
-# is exact up to rounding, so use `float64` when it serves as the ground truth of a test.
+# **Cost.** One backward pass through the graph of the gradient *per coordinate*, about
+# $2n$ backward passes for $n$ coordinates: fine for a few thousand, hopeless for a
+# real network, so more than `max_numel` coordinates are refused. `torch.func.hessian`
+# would build the $n \times n$ matrix; this loop needs $O(n)$ memory beyond the graph.
+# Exact up to rounding: use `float64` when it is the ground truth of a test.
 def exact_hessian_diagonal(
     loss: Tensor,
     params: Sequence[Tensor],

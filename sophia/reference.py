@@ -1,25 +1,25 @@
 r"""
 ---
 title: Sophia, the reference implementation
-summary: One parameter tensor at a time, one line of code per line of the paper's Algorithm 3.
+summary: One tensor at a time, one line of code per line of the paper's Algorithm 3.
 ---
-
-# Sophia, the reference implementation
 
 This module is the *specification* of this package. It updates one parameter tensor at
 a time, and every statement in its loop is one line of Algorithm 3 of
 [Liu et al., *Sophia*](https://arxiv.org/abs/2305.14342). The
-[`torch._foreach` version](foreach.html) and the fused CUDA kernel do the same operations
-in the same order with the same names, and the tests compare them to this file. This file
-itself is tested against the math: hand-computed two-element cases and exact Hessians
-of quadratics.
+[`torch._foreach` version](foreach.html) and the fused CUDA kernel do the same
+operations in the same order with the same names, and the tests compare them to this
+file. This file itself is tested against the math: hand-computed two-element cases and
+exact Hessians of quadratics.
 
 The optimizer class, [`SophiaG`](optimizer.html), does the bookkeeping (state, parameter
-groups, checks on the inputs) and calls one of two functions here:
+groups, checks on the inputs) and calls the functions here:
 
-* `sophiag_reference` takes one step (lines 1, 3 and 4 of Algorithm 3);
+* `sophiag_reference` takes one step (lines 6, 11 and 12 of Algorithm 3);
 * `hessian_ema_reference` folds a fresh estimate $\hat h_t$ of the Hessian diagonal into
-  its moving average (line 2), every $k$ steps.
+  its moving average (lines 7–10), every $k$ steps;
+* `unclipped_count_reference` counts the coordinates the clip leaves alone, for the
+  optimizer's `win_rate()`.
 
 ## Notation
 
@@ -84,7 +84,7 @@ def _as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-# ## The step: lines 1, 3 and 4 of Algorithm 3
+# ## The step: lines 6, 11 and 12 of Algorithm 3
 #
 # The lists hold, at the same index, one parameter tensor and its gradient, momentum,
 # Hessian EMA and step counter. The hyperparameters are those of the parameter group.
@@ -110,7 +110,8 @@ def sophiag_reference(
     eps: float,
     maximize: bool,
 ) -> None:
-    r"""Take one Sophia step on each tensor of `params`, one tensor at a time, in place."""
+    r"""Take one Sophia step on each tensor of `params`, one tensor at a time, in
+    place."""
     for i, param in enumerate(params):
         grad = grads[i] if not maximize else -grads[i]
         exp_avg = exp_avgs[i]
@@ -130,12 +131,14 @@ def sophiag_reference(
         # run, if the caller asks it).
         step += 1
 
-        # Decoupled weight decay (line 3 of Algorithm 3):
+        # Decoupled weight decay (line 11 of Algorithm 3):
         # $$\theta \leftarrow \theta - \eta_t \lambda \theta = (1 - \eta_t\lambda)\,\theta.$$
-        # It is applied before the update and is not clipped, as in AdamW.
+        # It is applied before the update and is not clipped, as in AdamW. (The paper
+        # decays after the momentum, line 6; the two touch different tensors, so the
+        # order does not matter, and this is the authors' code's order.)
         param_w.mul_(1 - lr * weight_decay)
 
-        # Momentum (line 1 of Algorithm 3):
+        # Momentum (line 6 of Algorithm 3):
         # $$m_t = \beta_1 m_{t-1} + (1 - \beta_1)\, g_t.$$
         # No bias correction: until $m$ has warmed up, the clip below decides the step
         # anyway.
@@ -163,7 +166,7 @@ def sophiag_reference(
         # temporary tensors instead of four.)
         update = (exp_avg_w / denom).clamp_(min=-1, max=1)
 
-        # The step (line 4 of Algorithm 3):
+        # The step (line 12 of Algorithm 3):
         # $$\theta_t = \theta_{t-1} - \eta_t\, u_t
         #   = \theta_{t-1} - \eta_t \operatorname{clip}\!\left(\frac{m_t}{\max(\rho B h_t, \epsilon)}, 1\right).$$
         # Every coordinate moves by at most $\eta_t$ (plus the weight decay).
@@ -176,7 +179,7 @@ def sophiag_reference(
 
 # ## Why $\max(\rho B h, \epsilon)$ is the same rule as the others
 #
-# Three ways of writing line 4 are in circulation. They are the same update.
+# Three ways of writing line 12 are in circulation. They are the same update.
 #
 # **The reference code** writes
 # $\theta \leftarrow \theta - \eta\,\operatorname{sign}(m)\min\!\big(|m| / (\rho B h + 10^{-15}),\,1\big)$.
@@ -209,7 +212,7 @@ def sophiag_reference(
 # is the largest step a coordinate can take.
 
 
-# ## The Hessian EMA: line 2 of Algorithm 3
+# ## The Hessian EMA: lines 7–10 of Algorithm 3
 #
 # Every $k$ steps the caller computes a fresh estimate $\hat h_t$ and we fold it in:
 # $$h_t = \beta_2 h_{t-k} + (1 - \beta_2)\, \hat h_t.$$
@@ -231,7 +234,8 @@ def hessian_ema_reference(
     beta2: float,
     square: bool,
 ) -> None:
-    r"""Fold one Hessian-diagonal estimate per tensor into `hessians`, one tensor at a time."""
+    r"""Fold one Hessian-diagonal estimate per tensor into `hessians`, one tensor at a
+    time."""
     for hessian, estimate in zip(hessians, estimates):
         hessian_w = _opmath(_as_real(hessian))
         estimate_w = _opmath(_as_real(estimate))
@@ -268,7 +272,8 @@ def unclipped_count_reference(
     bs: float,
     eps: float,
 ) -> tuple[int, int]:
-    r"""Return (number of coordinates with $|m| < \max(\rho B h, \epsilon)$, number of coordinates)."""
+    r"""Return (number of coordinates with $|m| < \max(\rho B h, \epsilon)$, number of
+    coordinates)."""
     unclipped, total = 0, 0
     for exp_avg, hessian in zip(exp_avgs, hessians):
         m = _opmath(_as_real(exp_avg))

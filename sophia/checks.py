@@ -1,0 +1,493 @@
+r"""
+---
+title: Checks, dispatch, non-finite values and shards
+summary: All that the optimizer settles before it writes anything, and how shards agree.
+---
+
+The [optimizer](optimizer.html) refuses a bad input before it changes anything: a step
+that raised halfway would leave some layers a step ahead of others, with no copy of the
+old values to go back to. This module holds all that is settled before the first write,
+so that the optimizer's module reads as the class a user imports:
+
+* the checks of the **hyperparameters** and of `bs`, of the **estimates** given to
+  `update_hessian`, and of a **loaded state**;
+* the **choice of an implementation** per group (reference, foreach or the fused
+  kernel), with the kernel's own checks;
+* the search for **non-finite values** in gradients and estimates (`nonfinite=`);
+* the **agreement of the shards** under FSDP, where each process holds part of a tensor.
+
+Every error names the argument and the value it got, so the traceback alone says what
+to fix. Why each check is made where it is, and what it costs, is on
+[how the optimizer is built](../engineering/optimizer.md); how to use all of this under
+DDP, FSDP and mixed precision is on the [scale page](../scale.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+# ## Hyperparameters
+#
+# A number is an `int` or a `float`, but not a `bool`: `True` is the integer 1, so
+# `SophiaG(params, True)` (a flag in the `lr` slot) would train with $\eta_t = 1$.
+# NumPy's `float64` subclasses `float` and passes.
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# One number against its lower bound, and finite: $+\infty$ passes every lower bound
+# and NaN fails every comparison, so a bound alone would let either through.
+def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool) -> None:
+    if not _is_number(value):
+        raise TypeError(
+            f"{name} must be a real number, "
+            f"got {value!r} of type {type(value).__name__}"
+        )
+    ok = value >= low if low_inclusive else value > low
+    if not (math.isfinite(value) and ok):
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+# A whole parameter group, `where` naming it in the message (`""` for the
+# constructor's defaults, `"param_groups[i]: "` afterwards): $\eta_t, \lambda \ge 0$,
+# $\rho, \epsilon > 0$, $\beta_1, \beta_2 \in [0, 1)$, real `bool` flags, and not
+# `foreach=True` with `fused=True`. What goes wrong outside each bound is in
+# [the docs](../engineering/optimizer.md#validation).
+def _check_group(group: dict, where: str, *, at_step: bool = False) -> None:
+    _check_lr(group, where, at_step=at_step)
+    _check_number(f"{where}rho", group["rho"], low=0.0, low_inclusive=False)
+    _check_number(
+        f"{where}weight_decay", group["weight_decay"], low=0.0, low_inclusive=True
+    )
+    _check_number(f"{where}eps", group["eps"], low=0.0, low_inclusive=False)
+    betas = group["betas"]
+    if not (isinstance(betas, Sequence) and len(betas) == 2):
+        raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        _check_number(f"{where}betas[{i}]", beta, low=0.0, low_inclusive=True)
+        if not beta < 1.0:
+            raise ValueError(f"{where}betas[{i}] must be in [0, 1), got {beta!r}")
+    for flag in ("maximize", "capturable"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{where}{flag} must be a bool, got {group[flag]!r}")
+    for flag in ("foreach", "fused"):
+        if group[flag] is not None and not isinstance(group[flag], bool):
+            raise TypeError(
+                f"{where}{flag} must be None or a bool, got {group[flag]!r}"
+            )
+    if group["foreach"] and group["fused"]:
+        raise ValueError(
+            f"{where}foreach=True and fused=True cannot both be set: "
+            "pick one implementation"
+        )
+
+
+# Every group of an optimizer, as it is now: a scheduler or a user may have edited
+# `param_groups[i]` since the constructor, and a NaN learning rate caught before a step
+# costs nothing.
+def _check_groups(param_groups: list[dict]) -> None:
+    for gi, group in enumerate(param_groups):
+        _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
+
+
+# The learning rate is a Python number or, with `fused=True` only, a one-element
+# floating tensor that the kernel reads from device memory (for CUDA graphs). A
+# tensor's value is read only when the group is made (`at_step=False`): a read at each
+# step would wait for the device, an error inside a graph capture.
+def _check_lr(group: dict, where: str, *, at_step: bool) -> None:
+    lr = group["lr"]
+    if not isinstance(lr, Tensor):
+        _check_number(f"{where}lr", lr, low=0.0, low_inclusive=True)
+        return
+    if not group["fused"]:
+        raise TypeError(
+            f"{where}lr is a tensor ({lr.dtype}, {lr.device}); "
+            "a tensor lr needs fused=True"
+        )
+    if lr.numel() != 1 or not lr.is_floating_point():
+        raise ValueError(
+            f"{where}lr as a tensor must hold one floating-point value, got shape "
+            f"{tuple(lr.shape)} and dtype {lr.dtype}"
+        )
+    if not at_step:
+        _check_number(f"{where}lr", lr.item(), low=0.0, low_inclusive=True)
+
+
+# `bs` is $B$, which multiplies the stored `hessian`: zero, negative or infinite, it
+# would make every step a sign step, flip it, or stall it. It is an argument of
+# `step()`, not a group setting, as in the authors' code.
+def _check_bs(bs: Any) -> None:
+    _check_number("bs", bs, low=0.0, low_inclusive=False)
+
+
+# What a NaN or an infinity in a gradient or an estimate does; one rule for the whole
+# optimizer, so that a skipped step skips every group.
+NONFINITE_RULES = ("raise", "skip", "unchecked")
+
+
+def _check_nonfinite_rule(nonfinite: Any) -> None:
+    if nonfinite not in NONFINITE_RULES:
+        raise ValueError(
+            f"nonfinite must be one of {', '.join(map(repr, NONFINITE_RULES))}, "
+            f"got {nonfinite!r}"
+        )
+
+
+# `SophiaH`'s own settings, checked before the optimizer is built, so that a refused
+# `SophiaH` leaves nothing half-built.
+def _check_hutchinson_settings(n_samples: Any, distribution: Any) -> None:
+    if not (
+        isinstance(n_samples, int)
+        and not isinstance(n_samples, bool)
+        and n_samples >= 1
+    ):
+        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
+    if distribution not in ("rademacher", "gaussian"):
+        raise ValueError(
+            f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}"
+        )
+
+
+# ## Choosing an implementation
+#
+# As in `torch.optim.AdamW`, `foreach=None` picks the foreach version when every
+# parameter is a plain tensor (a subclass may lack the `torch._foreach_*` ops) on a
+# device with foreach kernels, and the reference otherwise (on the CPU a foreach op is
+# a loop over the per-tensor kernels, so there is nothing to gain).
+def _foreach_devices() -> set[str]:
+    return {"cuda", "xpu", torch._C._get_privateuse1_backend_name()}
+
+
+def _default_foreach(params: list[Tensor]) -> bool:
+    devices = _foreach_devices()
+    return all(
+        type(p) in (Tensor, torch.nn.Parameter) and p.device.type in devices
+        for p in params
+    )
+
+
+# Per group and per call, from the tensors at hand (gradients or estimates):
+# `fused=True` and `foreach=True`/`False` are obeyed, never quietly downgraded; with
+# neither set, CUDA parameters get the kernel if it builds here and takes every tensor
+# (unlike AdamW, which never picks its kernel unasked), the others foreach or the
+# reference as above. The rules and their reasons are in
+# [the docs](../engineering/optimizer.md#choosing-an-implementation).
+def _implementation(
+    group: dict, params: list[Tensor], tensors: Sequence[Tensor] = ()
+) -> str:
+    if group["fused"]:
+        return "fused"
+    if group["foreach"] is not None:
+        return "foreach" if group["foreach"] else "reference"
+    if not _default_foreach(params):
+        return "reference"
+    if group["fused"] is None and all(p.device.type == "cuda" for p in params):
+        from . import fused
+
+        if fused.fused_available("cuda") and fused.fused_supports([*params, *tensors]):
+            return "fused"
+    return "foreach"
+
+
+# Every group with work to do gets its implementation and, if it asked for the kernel,
+# the kernel's checks and build, before any group is stepped: a refusal in the second
+# group after the first was updated would be half a step. (With `fused=None`,
+# `_implementation` has already checked what the kernel takes.) The fused module is
+# imported only here, so a user who never asks for the kernel never loads it.
+def _plan(groups: list[tuple[dict, list[Tensor], list[Tensor]]]) -> list[tuple]:
+    plan = []
+    for group, params, tensors in groups:
+        if not params:
+            continue
+        implementation = _implementation(group, params, tensors)
+        if implementation == "fused" and group["fused"]:
+            from .fused import check_fused_tensors, load_extension
+
+            check_fused_tensors({"params": params, "grads or estimates": tensors})
+            for device_type in sorted({p.device.type for p in params}):
+                load_extension(device_type)
+        plan.append((group, params, tensors, implementation))
+    return plan
+
+
+# ## Gradients and estimates
+#
+# The parameters with a gradient, per group (every group appears, so that indices in
+# messages are those of `param_groups`). A sparse gradient is refused: Sophia's state
+# is dense, and a sparse $m$ would be another algorithm.
+def _params_with_grad(
+    param_groups: list[dict],
+) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
+    plan = []
+    for gi, group in enumerate(param_groups):
+        params, grads = [], []
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    "SophiaG does not support sparse gradients: "
+                    f"param_groups[{gi}]['params'][{pi}] "
+                    f"has a gradient with layout {p.grad.layout}"
+                )
+            params.append(p)
+            grads.append(p.grad)
+        plan.append((group, params, grads))
+    return plan
+
+
+# `update_hessian(estimates)` takes one entry per parameter of all groups, in the order
+# of `param_groups` (`None` skips one). They are matched to the parameters, not to the
+# gradients, so a parameter without a gradient can still be refreshed; every entry is
+# checked before any is folded in. A lone tensor is refused rather than iterated over
+# (which would silently yield its rows).
+def _match_estimates(
+    estimates: Any, param_groups: list[dict]
+) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
+    if isinstance(estimates, Tensor) or not isinstance(estimates, Iterable):
+        raise TypeError(
+            "estimates must be a list with one tensor (or None) per parameter, "
+            f"got {type(estimates).__name__}"
+        )
+    estimates = list(estimates)
+    n_params = sum(len(group["params"]) for group in param_groups)
+    if len(estimates) != n_params:
+        raise ValueError(
+            f"estimates has {len(estimates)} entries but the optimizer has "
+            f"{n_params} parameters (one entry per parameter of all groups, in order; "
+            "None to skip one)"
+        )
+    plan, index = [], 0
+    for group in param_groups:
+        params, ests = [], []
+        for p in group["params"]:
+            est = estimates[index]
+            if est is not None:
+                _check_estimate(index, est, p)
+                params.append(p)
+                ests.append(est)
+            index += 1
+        plan.append((group, params, ests))
+    return plan
+
+
+# One estimate against its parameter. A shape that differs would broadcast instead of
+# failing, another device would fail halfway through the fold, and a real estimate of a
+# complex parameter does not match its real view (see the [reference](reference.html)).
+def _check_estimate(index: int, est: Any, p: Tensor) -> None:
+    where = f"estimates[{index}]"
+    if not isinstance(est, Tensor):
+        raise TypeError(f"{where} must be a tensor or None, got {type(est).__name__}")
+    if est.shape != p.shape:
+        raise ValueError(
+            f"{where} has shape {tuple(est.shape)} "
+            f"but its parameter has shape {tuple(p.shape)}"
+        )
+    if est.device != p.device:
+        raise ValueError(
+            f"{where} is on {est.device} but its parameter is on {p.device}"
+        )
+    if est.is_sparse:
+        raise ValueError(f"{where} is sparse ({est.layout}); estimates must be dense")
+    if not (est.is_floating_point() or est.is_complex()):
+        raise TypeError(
+            f"{where} has dtype {est.dtype}; estimates must be floating point"
+        )
+    if est.is_complex() != p.is_complex():
+        raise TypeError(
+            f"{where} has dtype {est.dtype} but its parameter has dtype {p.dtype}"
+        )
+
+
+# ## A loaded state
+#
+# `torch.optim.Optimizer.load_state_dict` takes the state as it comes, so it is checked
+# here first, against the parameters it will belong to. Where the groups do not line
+# up, the refusal is PyTorch's own (it names the groups and their sizes). Returns how
+# many parameters have `exp_avg` and no `hessian` (another optimizer's checkpoint), for
+# the warning; the rules are in [the docs](../engineering/optimizer.md#loading-a-state).
+def _check_state_dict(state_dict: dict, param_groups: list[dict]) -> int:
+    saved_groups = state_dict.get("param_groups", [])
+    if len(saved_groups) != len(param_groups) or not all(
+        len(s["params"]) == len(g["params"]) for s, g in zip(saved_groups, param_groups)
+    ):
+        return 0
+    missing_hessian = 0
+    for gi, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        for pi, (key, p) in enumerate(zip(saved["params"], group["params"])):
+            state = state_dict["state"].get(key)
+            if state is None:
+                continue
+            for name in ("exp_avg", "hessian"):
+                if name in state:
+                    where = f"param_groups[{gi}]['params'][{pi}]"
+                    _check_loaded(where, name, state[name], p)
+            missing_hessian += "exp_avg" in state and "hessian" not in state
+    return missing_hessian
+
+
+# One entry (`exp_avg` or `hessian`) against its parameter. Under FSDP both may be
+# `DTensor`s: `shape` is the whole parameter's, and the values are this process's
+# shard. An infinite `hessian` is allowed: the optimizer reaches one itself.
+def _check_loaded(where: str, name: str, value: Any, p: Tensor) -> None:
+    prefix = f"loaded state of {where}: '{name}'"
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{prefix} must be a tensor, got {type(value).__name__}")
+    if not (value.is_floating_point() or value.is_complex()):
+        raise ValueError(f"{prefix} has dtype {value.dtype}, not a floating-point type")
+    if value.shape != p.shape:
+        raise ValueError(
+            f"{prefix} has shape {tuple(value.shape)} but the parameter has shape "
+            f"{tuple(p.shape)} (a checkpoint of another model, "
+            "or parameters in another order?)"
+        )
+    local = _local(value)
+    if name == "hessian":
+        if bool(torch.isnan(local).any()):
+            raise ValueError(f"{prefix} holds NaN")
+    elif not bool(torch.isfinite(local).all()):
+        raise ValueError(f"{prefix} holds non-finite values (NaN or inf)")
+
+
+# ## Non-finite values
+#
+# `True` if every element of every tensor is finite. The test is a sum per tensor (a
+# NaN or an infinity anywhere makes it non-finite), the cheapest pass over memory;
+# half precision is summed in `float32`. A sum that is not finite may be an overflow of
+# finite values, so only then are the elements looked at. The sums of one device and
+# dtype are stacked and read at once: one wait for the device.
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    if not tensors:
+        return True
+    local = [_local(t) for t in tensors]
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in local:
+        s = (
+            t.sum(dtype=torch.float32)
+            if t.dtype in (torch.float16, torch.bfloat16)
+            else t.sum()
+        )
+        groups.setdefault((s.device, s.dtype), []).append(s)
+    flags = [(~torch.stack(sums).isfinite()).any().cpu() for sums in groups.values()]
+    found = torch.stack(flags).any().float()
+    if bool(found):
+        found = torch.tensor(
+            float(not all(bool(torch.isfinite(t).all()) for t in local))
+        )
+    found = _agree_across_shards(found, tensors)
+    return not bool(found)
+
+
+# The slow path, taken only once something was found: which parameter, and how many of
+# its values. Under FSDP another process may hold the bad shard, and the message says
+# so.
+def _describe_nonfinite(named: Sequence[tuple[str, Tensor]], what: str) -> str:
+    for name, t in named:
+        local = _local(t)
+        n_bad = int((~torch.isfinite(local)).sum())
+        if n_bad:
+            kinds = []
+            if bool(torch.isnan(local).any()):
+                kinds.append("NaN")
+            if bool(torch.isinf(local).any()):
+                kinds.append("inf")
+            return (
+                f"{name} has a {what} with {n_bad} non-finite value(s) "
+                f"({' and '.join(kinds)}) of {local.numel()} "
+                f"(shape {tuple(t.shape)}, dtype {t.dtype})"
+            )
+    return f"a {what} on another process holds non-finite values"
+
+
+# The refusal under `nonfinite="raise"`: what was refused (`call`), the first bad
+# tensor of `named`, what did not change, and how to skip such calls instead
+# (`skipped`: "steps" or "refreshes").
+def _nonfinite_error(
+    call: str,
+    named: Sequence[tuple[str, Tensor]],
+    what: str,
+    unchanged: str,
+    skipped: str,
+) -> FloatingPointError:
+    return FloatingPointError(
+        f"{call} refused: {_describe_nonfinite(named, what)}; {unchanged} "
+        "(construct the optimizer with nonfinite='skip' "
+        f"to skip such {skipped} instead)"
+    )
+
+
+# The gradients and the estimates, with their place, for the error message.
+def _named_grads(param_groups: list[dict]) -> list[tuple[str, Tensor]]:
+    return [
+        (f"param_groups[{gi}]['params'][{pi}]", p.grad)
+        for gi, group in enumerate(param_groups)
+        for pi, p in enumerate(group["params"])
+        if p.grad is not None
+    ]
+
+
+def _named_estimates(estimates: list) -> list[tuple[str, Tensor]]:
+    return [(f"estimates[{i}]", e) for i, e in enumerate(estimates) if e is not None]
+
+
+# ## Shards
+#
+# Under FSDP a parameter and its state are `DTensor`s, and each process holds one
+# shard. `_local` gives the shard of a `DTensor` and the tensor itself otherwise.
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
+# The processes that hold shards of the same parameters must agree, or one would skip a
+# step the others take: the local flag (`1` for "found") is reduced with `MAX` over
+# every process group of every mesh, on the mesh's device (the CPU for `gloo`, the GPU
+# for `nccl`). Under DDP the gradients are already all-reduced: no collective.
+def _agree_across_shards(found: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    meshes = {
+        id(t.device_mesh): t.device_mesh for t in tensors if hasattr(t, "device_mesh")
+    }
+    for mesh in meshes.values():
+        for dim in range(mesh.ndim):
+            flag = found.to(mesh.device_type)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+            found = flag.to(found.device)
+    return found
+
+
+# Counts made over the local shards (`win_rate()`), summed over the processes that hold
+# the other shards. `_add_count` files one state tensor's counts under its kind of
+# sharding: its mesh and the mesh dimensions along which it is sharded (not those along
+# which it is replicated, which would count a shard twice); `()` is an ordinary tensor,
+# whose counts are already whole.
+def _add_count(
+    counts: dict[tuple, list], t: Tensor, unclipped: int, total: int
+) -> None:
+    key, mesh = (), None
+    if hasattr(t, "device_mesh"):
+        mesh = t.device_mesh
+        key = (id(mesh), tuple(d for d, pl in enumerate(t.placements) if pl.is_shard()))
+    entry = counts.setdefault(key, [mesh, 0, 0])
+    entry[1] += unclipped
+    entry[2] += total
+
+
+# The sums, with one all-reduce per kind of sharding and sharded dimension.
+def _sum_across_shards(counts: dict[tuple, list]) -> tuple[int, int]:
+    unclipped, total = 0, 0
+    for key, (mesh, u, n) in counts.items():
+        if key:
+            both = torch.tensor([u, n], dtype=torch.int64, device=mesh.device_type)
+            for dim in key[1]:
+                dist.all_reduce(both, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+            u, n = (int(v) for v in both.tolist())
+        unclipped += u
+        total += n
+    return unclipped, total
