@@ -20,6 +20,7 @@ the last place of the storage type, and mostly not at all.
 """
 
 import contextlib
+import functools
 import math
 import platform
 
@@ -43,25 +44,28 @@ HYPER = dict(
 )
 SIZES = [1, 3, 5, 7, 64, 1023, 1024, 4097]
 
-
-@pytest.fixture(scope="module")
-def ext():
-    r"""The CPU build, built once per test session (and cached on disk by torch)."""
-    try:
-        return fused.load_extension("cpu")
-    except fused.FusedUnavailableError as error:
-        pytest.skip(f"the CPU build of the fused kernel is unavailable: {error}")
-
-
 # One OpenMP thread for the launches (and for PyTorch, whose OpenMP runtime the CPU
 # build shares): most tests make many tiny launches, whose fork and join dominate on
 # a busy machine. `test_blocks_run_on_several_threads` runs blocks in parallel.
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# The tests' CPU build (`SOPHIA_TESTING`: the plain kernels, `convert`, the packing and
+# the launch count), built once and cached on disk by torch. `sophiag_fused` runs on it
+# too while these tests run, so that `set_packing` and `launch_count` see its launches.
+@pytest.fixture(scope="module")
+def ext():
+    try:
+        testing = fused.load_extension("cpu", testing=True)
+    except fused.FusedUnavailableError as error:
+        pytest.skip(f"the CPU build of the fused kernel is unavailable: {error}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            fused,
+            "load_extension",
+            functools.partial(fused.load_extension, testing=True),
+        )
+        yield testing
 
 
 # The launch configurations. `gpu` runs the kernel with the GPU's block size; `tiny`
@@ -414,10 +418,14 @@ def test_production_packing_with_the_gpu_block_size(ext):
 
 
 def test_blocks_run_on_several_threads(ext):
-    torch.set_num_threads(max(2, torch.get_num_threads()))
-    sizes = [70001 + 13 * i for i in range(40)]
-    state, ref, fz, ref_steps, fz_steps = run_step(sizes, torch.float32)
-    assert torch.get_num_threads() >= 2 and ext.launch_count() == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    try:
+        sizes = [70001 + 13 * i for i in range(40)]
+        state, ref, fz, ref_steps, fz_steps = run_step(sizes, torch.float32)
+        assert torch.get_num_threads() >= 2 and ext.launch_count() == 1
+    finally:
+        torch.set_num_threads(before)
     assert_step_agrees(ref, fz, ref_steps, fz_steps, state)
 
 
@@ -456,14 +464,14 @@ def test_simple_kernel_matches_multi_tensor_kernel(ext, dtype):
     a = random_state(sizes, dtype, seed=3)
     b = clones(a)
     args = (0.02, None, 0.9, 2.5, 0.1, 1e-15, False, None, None, 0)
-    ext.fused_step(*a, *args)
-    ext.simple_step(*b, *args)
+    ext.fused_step(a, *args)
+    ext.simple_step(b, *args)
     for x, y in zip(a[0] + a[2], b[0] + b[2]):
         assert torch.equal(x, y)
     estimates = [torch.randn(n).to(dtype) for n in sizes]
     for square in (True, False):
-        ext.hessian_ema(a[3], estimates, 0.99, square, 0)
-        ext.simple_hessian_ema(b[3], estimates, 0.99, square, 0)
+        ext.hessian_ema([a[3], estimates], 0.99, square, 0)
+        ext.simple_hessian_ema([b[3], estimates], 0.99, square, 0)
         for x, y in zip(a[3], b[3]):
             assert torch.equal(x, y)
 
@@ -823,8 +831,8 @@ def test_bad_scalars_are_refused(ext):
         assert torch.equal(column[0], old[0])
 
 
-# The binding checks again, in C++, with messages that name the list, the index and
-# the tensor, whatever the Python side let through.
+# The binding repeats the checks that keep the kernel inside each tensor's memory, with
+# messages that name the list, the index and the tensor, whatever reaches it.
 BINDING_BAD = {
     "mixed dtype": (
         lambda s: s[2].__setitem__(0, s[2][0].double()),
@@ -861,7 +869,7 @@ def test_binding_refuses_bad_tensors(ext, kind):
     edit(state)
     before = [[t.clone() for t in column] for column in state]
     with pytest.raises(RuntimeError, match=match):
-        ext.fused_step(*state, 0.1, None, 0.9, 1.0, 0.1, 1e-15, False, None, None, 0)
+        ext.fused_step(state, 0.1, None, 0.9, 1.0, 0.1, 1e-15, False, None, None, 0)
     for column, old in zip(state, before):
         for t, o in zip(column, old):
             if t.device.type != "meta":
@@ -881,4 +889,4 @@ def test_binding_refuses_bad_scalars(ext):
             RuntimeError,
             match=rf"{name} must be a one-element torch\.float32 tensor on cpu",
         ):
-            ext.fused_step(*state, *bad)
+            ext.fused_step(state, *bad)

@@ -19,6 +19,8 @@ CSRC = pathlib.Path(__file__).resolve().parent.parent / "sophia" / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 ARCHS = ["sm_75", "sm_90"]
 KERNEL_SOURCES = [CSRC / "sophia_kernel.cuh", CSRC / "sophia_launcher.cu"]
+# The build users get, and the tests' build with its extra entry points and kernels.
+BUILDS = {"users": [], "tests": ["-DSOPHIA_TESTING"]}
 
 
 def find_nvcc():
@@ -83,8 +85,9 @@ TORCH_NVCC_FLAGS = [
 
 
 @needs_nvcc
+@pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
-def test_compiles_with_the_flags_torch_uses(source, tmp_path):
+def test_compiles_with_the_flags_torch_uses(source, build, tmp_path):
     result = subprocess.run(
         [
             NVCC,
@@ -92,6 +95,7 @@ def test_compiles_with_the_flags_torch_uses(source, tmp_path):
             "-arch=sm_80",
             "-O3",
             *TORCH_NVCC_FLAGS,
+            *BUILDS[build],
             str(source),
             "-o",
             str(tmp_path / "out.o"),
@@ -104,7 +108,8 @@ def test_compiles_with_the_flags_torch_uses(source, tmp_path):
 
 
 # PTX instructions through which threads could see each other: barriers, atomics and
-# reductions, warp votes and shuffles, fences, and any access to shared memory.
+# reductions, warp votes and shuffles, fences, and any access to shared memory. The
+# tests' build has every kernel of the users' build, and the plain ones.
 FORBIDDEN_PTX = re.compile(
     r"^\s*(@!?%\w+\s+)?(bar|barrier|atom|red|redux|shfl|vote|match|membar|fence|activemask|elect|mbarrier)\b"
     r"|\.shared\b",
@@ -117,7 +122,16 @@ FORBIDDEN_PTX = re.compile(
 def test_ptx_has_no_inter_thread_communication(source, tmp_path):
     ptx = tmp_path / "out.ptx"
     result = subprocess.run(
-        [NVCC, "-ptx", "-arch=compute_90", "-O3", str(source), "-o", str(ptx)],
+        [
+            NVCC,
+            "-ptx",
+            "-arch=compute_90",
+            "-O3",
+            *BUILDS["tests"],
+            str(source),
+            "-o",
+            str(ptx),
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -178,7 +192,8 @@ def test_launcher_and_kernel_include_no_torch(source):
 @pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler"
 )
-def test_cpu_emulation_compiles_without_torch(tmp_path):
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_cpu_emulation_compiles_without_torch(build, tmp_path):
     result = subprocess.run(
         [
             os.environ.get("CXX", "c++"),
@@ -189,6 +204,7 @@ def test_cpu_emulation_compiles_without_torch(tmp_path):
             "-Wextra",
             "-Wno-unknown-pragmas",
             "-Werror",
+            *BUILDS[build],
             "-c",
             str(CSRC / "launcher_cpu.cpp"),
             "-o",

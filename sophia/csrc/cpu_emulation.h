@@ -4,54 +4,21 @@ title: Running the CUDA kernel on the CPU
 summary: The few CUDA names the kernel uses, defined for a C++ compiler, so the same source runs as loops.
 ---
 
-# Running the CUDA kernel on the CPU
-
 [`launcher_cpu.cpp`](launcher_cpu.html) defines `SOPHIA_CPU_EMULATION`, includes this
-header, then includes the CUDA launcher and kernel **source files themselves**. A C++
-compiler then compiles the very code that `nvcc` compiles for the GPU. This header
-supplies what that code needs from CUDA:
+header, then includes the CUDA launcher and kernel **source files themselves**, so a
+C++ compiler compiles the very code that `nvcc` compiles for the GPU. This header
+supplies what that code needs from CUDA: the function qualifiers (as plain inline
+functions), the thread indices (as variables the launch loop sets), the rounding
+intrinsics and the half types bit for bit as on the GPU, and the launch,
+`SOPHIA_LAUNCH(kernel, grid, block, stream, args...)`, as a loop over the blocks of the
+grid and, inside each, over the threads of the block.
 
-* the function qualifiers (`__global__`, `__device__`, ...), which become ordinary
-  (inline) functions;
-* the thread indices (`threadIdx`, `blockIdx`, `blockDim`, `gridDim`), which become
-  variables set by the loops below;
-* the rounding intrinsics (`__fmul_rn`, ...) and the half types (`__half`,
-  `__nv_bfloat16`) with their conversions, bit for bit as on the GPU;
-* the launch, `SOPHIA_LAUNCH(kernel, grid, block, stream, args...)`, which on the GPU
-  is `kernel<<<grid, block, 0, stream>>>(args...)` and here is a loop over the blocks
-  of the grid and, inside each, over the threads of the block.
-
-## Why loops are a faithful emulation
-
-On the GPU the threads of a launch run concurrently, in an order nobody controls.
-Running them one after another is a legitimate schedule *only* if no thread waits for
-another or reads what another writes. The kernels keep exactly that invariant
-(stated in [the kernel](sophia_kernel.html) and checked by `tests/test_nvcc.py`): no
-shared memory, no barriers, no atomics, no warp primitives; each thread reads and
-writes its own elements only. So every schedule, the sequential one included,
-computes the same result, and the tests of this build test the GPU's indexing,
-chunking and vector/scalar paths. (By default the CPU build launches one thread per
-block, which a core runs fastest, see the [launcher](sophia_launcher.html); the tests
-also run it with the GPU's block size.)
-
-The blocks of a launch run in parallel with OpenMP when the compiler supports it
-(`_OPENMP`; the build passes `-fopenmp` on Linux): again legitimate, since blocks are
-independent like threads. The thread indices are `thread_local`, so each OpenMP
-thread has its own. The OpenMP runtime is the one PyTorch already loaded, so
-`torch.set_num_threads` sets how many threads run.
-
-## What the C++ compiler ignores
-
-CUDA's `#pragma unroll` is a hint that g++ does not know (`-Wall` warns about it);
-at `-O3` it unrolls these fixed-count loops anyway.
-
-## Rounding
-
-The intrinsics below are single IEEE operations (`a * b`, `a / b`, `std::fma`): each
-rounds once, to nearest even, like its CUDA namesake. That holds only if the compiler
-does not contract `a * b + c` into a fused multiply-add behind our back, so this build
-is compiled with `-ffp-contract=off` (C++ compilers contract by default on some
-targets); the multiply-adds that *should* be fused are written as `std::fma`.
+Running the threads one after another is a legitimate schedule because the kernels
+keep their invariant (stated in [the kernel](sophia_kernel.html)): no thread waits for
+another or reads what another writes. So the tests of this build test the GPU's
+indexing, chunking and vector/scalar paths. Why this is faithful, how OpenMP runs the
+blocks, and why the build needs `-ffp-contract=off`:
+[how the fused kernel is built](../../engineering/kernel.md).
 */
 #pragma once
 
@@ -93,7 +60,9 @@ inline thread_local dim3 gridDim;
 // ## Rounding intrinsics
 //
 // `float` and `double` on the host are IEEE binary32 and binary64 with round to nearest
-// even, so each of these is its CUDA namesake exactly.
+// even, so each of these is its CUDA namesake exactly: one operation, one rounding, as
+// long as the compiler does not contract `a * b + c` behind our back
+// (`-ffp-contract=off`); the multiply-adds that *should* be fused are `std::fma`.
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
@@ -212,8 +181,9 @@ using cudaStream_t = void*;
 
 // ## The launch
 //
-// Blocks in any order (in parallel if OpenMP is on), and in each block, threads one
-// after another. `body` is the kernel call with its arguments bound.
+// Blocks in any order (in parallel if OpenMP is on: blocks are as independent as
+// threads, and the indices are `thread_local`), and in each block, threads one after
+// another. `body` is the kernel call with its arguments bound.
 namespace sophia_emulation {
 template <typename Body>
 void launch(const dim3 grid, const dim3 block, const Body& body) {

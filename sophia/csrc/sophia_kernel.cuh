@@ -4,8 +4,6 @@ title: The fused Sophia step, as a CUDA kernel
 summary: The reference step, statement by statement, for one element in registers; a plain kernel, then a multi-tensor one.
 ---
 
-# The fused Sophia step, as a CUDA kernel
-
 The [reference](../reference.html) reads and writes every parameter tensor once per
 *operation*: a multiply, an add, a clamp, a divide... each a pass over memory. On a
 GPU the step is limited by memory traffic, not arithmetic, so the fastest step reads
@@ -19,7 +17,8 @@ It is plain CUDA C++ with no PyTorch header, in three parts:
    with the same names, each under a comment that quotes the reference line it
    implements.
 2. **The plain kernel** (`sophia_step_simple_kernel`): one thread per element of one
-   tensor. Read it first; the tests also run it against the production kernel.
+   tensor. Read it first; only the tests' build launches it, against the production
+   kernel.
 3. **The multi-tensor kernel** (`sophia_step_multi_tensor_kernel`): one launch for
    many tensors, `kILP` elements per thread per iteration, with vector loads when the
    memory allows. This is the kernel the optimizer uses. The
@@ -43,6 +42,8 @@ report.
 #pragma once
 
 #include <cstdint>
+
+#include "sophia_launcher.h"
 
 // On the GPU the half types come from the CUDA headers. Under the CPU emulation,
 // `cpu_emulation.h` (included before this file) defines host types with the same
@@ -114,33 +115,20 @@ __device__ __forceinline__ double fma_rn(double a, double b, double c) { return 
 
 // ## The hyperparameters
 //
-// The launcher passes them as `double`, exactly the Python numbers the reference
-// receives. The reference computes `1 - lr * weight_decay` and `1 - beta1` in Python,
-// in `double`, and PyTorch converts the result to the tensor's working type when it
-// applies the op; we do the same arithmetic, in `double` with the same two roundings,
-// then convert. (Computing `1 - beta1` in `float32` instead would give a different
-// `float32` number for most `beta1`, and a different last bit in `exp_avg`.)
+// They arrive in the structs of the C interface (`sophia_launcher.h`) as `double`,
+// exactly the Python numbers the reference receives. The reference computes
+// `1 - lr * weight_decay` and `1 - beta1` in Python, in `double`, and PyTorch converts
+// the result to the tensor's working type when it applies the op; we do the same
+// arithmetic, in `double` with the same two roundings, then convert. (Computing
+// `1 - beta1` in `float32` instead would give a different `float32` number for most
+// `beta1`, and a different last bit in `exp_avg`.)
 //
 // `lr_ptr`, when not null, points to the learning rate in device memory and overrides
 // `lr`: a step captured in a CUDA graph then follows a schedule that writes into that
 // tensor between replays. `grad_scale` (nullable) is the loss scale of
 // `torch.amp.GradScaler`, and `found_inf` (nullable) its overflow flag; see below.
-struct StepArgs {
-    double lr;
-    const float* lr_ptr;
-    double beta1;
-    double rho_bs;
-    double weight_decay;
-    double eps;
-    const float* grad_scale;
-    const float* found_inf;
-    int maximize;
-};
-
-struct EmaArgs {
-    double beta2;
-    int square;
-};
+using StepArgs = SophiaStepArgs;
+using EmaArgs = SophiaEmaArgs;
 
 // The same numbers in working precision, computed once per thread (not once per
 // element) at the start of each kernel.
@@ -217,16 +205,17 @@ __device__ __forceinline__ void sophia_step_element(
     grad = c.maximize ? -grad : grad;
 
     // Reference: `param_w.mul_(1 - lr * weight_decay)`,
-    // $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$.
+    // $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$ (Algorithm 3, line 11).
     param = mul_rn(param, c.decay);
 
     // Reference: `exp_avg_w.mul_(beta1).add_(grad_w, alpha=1 - beta1)`,
-    // $m_t = \beta_1 m_{t-1} + (1-\beta_1)\, g_t$: a multiply, then a fused multiply-add.
+    // $m_t = \beta_1 m_{t-1} + (1-\beta_1)\, g_t$ (Algorithm 3, line 6): a multiply, then
+    // a fused multiply-add.
     exp_avg = mul_rn(exp_avg, c.beta1);
     exp_avg = fma_rn(grad, c.one_minus_beta1, exp_avg);
 
     // Reference: `denom = (hessian_w * (rho * bs)).clamp_(min=eps)`,
-    // $d_t = \max(\rho B h_t, \epsilon)$.
+    // $d_t = \max(\rho B h_t, \epsilon)$, the denominator of Algorithm 3, line 12.
     // The comparison is written so that a NaN passes through, as in `torch.clamp`:
     // `NaN < eps` is false, so a NaN stays a NaN. (`fmaxf` would return `eps` and
     // quietly hide a NaN in the Hessian.)
@@ -239,15 +228,16 @@ __device__ __forceinline__ void sophia_step_element(
     update = (update < opmath_t(-1)) ? opmath_t(-1) : update;
     update = (update > opmath_t(1)) ? opmath_t(1) : update;
 
-    // Reference: `param_w.add_(update, alpha=-lr)`, $\theta_t = \theta_{t-1} - \eta_t u_t$.
+    // Reference: `param_w.add_(update, alpha=-lr)`, $\theta_t = \theta_{t-1} - \eta_t u_t$
+    // (Algorithm 3, line 12).
     param = fma_rn(update, c.neg_lr, param);
 }
 
 // ## The Hessian EMA, for one element
 //
-// Reference: `hessian_ema_reference`. First `hessian_w.mul_(beta2)`,
-// $h \leftarrow \beta_2 h$ (or zero when $\beta_2 = 0$, so that an infinite $h$ gives
-// no $0 \cdot \infty$). Then, with `square`, the Gauss-Newton-Bartlett form
+// Reference: `hessian_ema_reference`, the fold of Algorithm 3, lines 7-10. First
+// `hessian_w.mul_(beta2)`, $h \leftarrow \beta_2 h$ (or zero when $\beta_2 = 0$, so that
+// an infinite $h$ gives no $0 \cdot \infty$). Then, with `square`, the Gauss-Newton-Bartlett form
 // `hessian_w.addcmul_(estimate_w, estimate_w, value=1 - beta2)`,
 // $h \leftarrow h + (1-\beta_2)\,\hat g \odot \hat g$, which PyTorch evaluates as
 // `self + (value * t1) * t2`: one rounded product, then a fused multiply-add. Without
@@ -272,7 +262,8 @@ __device__ __forceinline__ void hessian_ema_element(
 // elements, one launch per tensor. It is easy to check by eye, and it is the kernel
 // the multi-tensor one is tested against; but a model with hundreds of tensors pays
 // hundreds of launches, and each thread issues one narrow load per tensor. Part (b)
-// fixes both.
+// fixes both. A template compiles only where it is launched, and only the tests' build
+// (`SOPHIA_TESTING`) launches this one: it stays in this file to be read first.
 template <typename T>
 __global__ void sophia_step_simple_kernel(
     T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ exp_avg, const T* __restrict__ hessian,
@@ -545,7 +536,7 @@ __global__ void __launch_bounds__(kBlockSize)
 //
 // Rounds `float32` values to storage type `T` and back, with the conversions the
 // kernels use, so the tests can compare them with PyTorch's on any values (ties,
-// subnormals, infinities, NaN).
+// subnormals, infinities, NaN). Launched by the tests' build only.
 template <typename T>
 __global__ void convert_kernel(const float* __restrict__ src, T* __restrict__ stored, float* __restrict__ back,
                                const int64_t n) {

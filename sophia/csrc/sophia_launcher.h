@@ -1,28 +1,19 @@
 /*
 ---
 title: The launcher's C interface
-summary: Raw pointers, sizes and a stream in; kernels launched; an error code out. No PyTorch.
+summary: Three argument structs and two entry points; pointers in, an error code out. No PyTorch.
 ---
 
-# The launcher's C interface
+The [binding](binding.html) fills these structs and calls these functions; the
+[launcher](sophia_launcher.html) packs the tensors into launches of the
+[kernel](sophia_kernel.html). PyTorch stays out of this interface so that the launcher
+and the kernel compile with plain `nvcc -c`, and as C++ for the
+[CPU emulation](cpu_emulation.html) (see
+[how the fused kernel is built](../../engineering/kernel.md)).
 
-The [binding](binding.html) checks the tensors and calls these functions with raw
-pointers; the [launcher](sophia_launcher.html) packs the tensors into launches of the
-[kernel](sophia_kernel.html). Keeping PyTorch out of this interface is what lets the
-launcher and the kernel compile with plain `nvcc -c` (the tests do), and lets the
-same source compile as C++ for the [CPU emulation](cpu_emulation.html).
-
-Conventions, for every function:
-
-* `dtype`: `0` = `float32`, `1` = `float16`, `2` = `bfloat16`, `3` = `float64`. All
-  tensors of one call have that dtype; `n_tensors` entries per list, element counts in
-  `numels`; every tensor contiguous.
-* Hyperparameters are `double`: the very Python numbers the reference receives, so the
-  kernel can derive `1 - beta1` and `1 - lr * weight_decay` as the reference does.
-* `lr_ptr`, `grad_scale`, `found_inf`: one `float` in device memory, or null.
-* `stream`: a `cudaStream_t` as `void*` (ignored by the CPU build).
-* Return: `0` on success; otherwise an error code, and `sophia_last_error()` says what
-  went wrong. Launches are asynchronous on the GPU, as usual.
+Every function returns `0` on success, or an error code, and then
+`sophia_last_error()` says what went wrong. Launches on the GPU are asynchronous, as
+usual. `stream` is a `cudaStream_t` as `void*`, which the CPU build ignores.
 */
 #pragma once
 
@@ -38,50 +29,66 @@ Conventions, for every function:
 extern "C" {
 #endif
 
-// The step, `sophiag_reference` for every tensor of the lists; `rho_bs` is `rho * bs`.
-SOPHIA_API int sophia_fused_step(int dtype, int n_tensors, void* const* params, const void* const* grads,
-                                 void* const* exp_avgs, const void* const* hessians, const int64_t* numels,
-                                 double lr, const float* lr_ptr, double beta1, double rho_bs,
-                                 double weight_decay, double eps, int maximize, const float* grad_scale,
-                                 const float* found_inf, void* stream);
+// ## The arguments
+//
+// The tensors of one call, all contiguous and of one storage type `dtype` (`0` =
+// `float32`, `1` = `float16`, `2` = `bfloat16`, `3` = `float64`). `lists[d][t]` is the
+// address of tensor `t` in list `d`, which has `numels[t]` elements. The step's lists
+// are `param`, `grad`, `exp_avg`, `hessian`; the EMA's are `hessian`, `estimate`.
+typedef struct SophiaTensorLists {
+    int dtype;
+    int n_tensors;
+    void* const* lists[4];
+    const int64_t* numels;
+} SophiaTensorLists;
 
-// The Hessian EMA, `hessian_ema_reference` for every tensor of the lists.
-SOPHIA_API int sophia_fused_hessian_ema(int dtype, int n_tensors, void* const* hessians,
-                                        const void* const* estimates, const int64_t* numels, double beta2,
-                                        int square, void* stream);
+// The step's hyperparameters, as the `double`s Python passes to the reference (the
+// [kernel](sophia_kernel.html) says why). `rho_bs` is `rho * bs`. `lr_ptr`,
+// `grad_scale` and `found_inf` each point to one `float` in device memory, or are
+// null; `lr_ptr` overrides `lr`.
+typedef struct SophiaStepArgs {
+    double lr;
+    const float* lr_ptr;
+    double beta1;
+    double rho_bs;
+    double weight_decay;
+    double eps;
+    const float* grad_scale;
+    const float* found_inf;
+    int maximize;
+} SophiaStepArgs;
 
-// What the last failed call (on this host thread) reported.
+typedef struct SophiaEmaArgs {
+    double beta2;
+    int square;
+} SophiaEmaArgs;
+
+// ## The entry points
+//
+// `sophiag_reference` and `hessian_ema_reference`, for every tensor of the lists.
+SOPHIA_API int sophia_fused_step(const SophiaTensorLists* tensors, const SophiaStepArgs* args, void* stream);
+SOPHIA_API int sophia_fused_hessian_ema(const SophiaTensorLists* tensors, const SophiaEmaArgs* args, void* stream);
+
+// What the last failed call on this host thread reported.
 SOPHIA_API const char* sophia_last_error(void);
 
-// ## For the tests
+// ## For the tests only
 //
-// The same two operations with the plain one-thread-per-element kernels, one launch
-// per tensor.
-SOPHIA_API int sophia_simple_step(int dtype, int n_tensors, void* const* params, const void* const* grads,
-                                  void* const* exp_avgs, const void* const* hessians, const int64_t* numels,
-                                  double lr, const float* lr_ptr, double beta1, double rho_bs,
-                                  double weight_decay, double eps, int maximize, const float* grad_scale,
-                                  const float* found_inf, void* stream);
-SOPHIA_API int sophia_simple_hessian_ema(int dtype, int n_tensors, void* const* hessians,
-                                         const void* const* estimates, const int64_t* numels, double beta2,
-                                         int square, void* stream);
-
-// Round `n` floats to `dtype` with the kernel's conversions (`stored`), and back (`back`).
+// Compiled where the tests' build defines `SOPHIA_TESTING`, never in the build users
+// get. The same two operations with the plain one-thread-per-element kernels; the
+// kernel's conversions alone (`n` floats rounded to `dtype`, `stored`, and back,
+// `back`); the packing (`out` gets, for `depth` lists, the chunk size, block size,
+// elements per thread per iteration, tensors and blocks per launch, bytes of kernel
+// arguments, and the GPU's block size); a smaller packing, `0` for a default (not
+// thread-safe); and how many kernels the last call on this thread launched.
+#if defined(SOPHIA_TESTING)
+SOPHIA_API int sophia_simple_step(const SophiaTensorLists* tensors, const SophiaStepArgs* args, void* stream);
+SOPHIA_API int sophia_simple_hessian_ema(const SophiaTensorLists* tensors, const SophiaEmaArgs* args, void* stream);
 SOPHIA_API int sophia_convert(int dtype, const float* src, void* stored, float* back, int64_t n, void* stream);
-
-// The packing: `out` (seven entries) receives, for lists of `depth` tensors, the chunk
-// size, block size, elements per thread per iteration, tensors per launch, blocks per
-// launch and bytes of kernel arguments now in use, and the GPU's block size.
 SOPHIA_API int sophia_packing(int depth, int64_t* out);
-
-// Change the packing (tests reach many launches with little data, and run the CPU
-// build with the GPU's block size): a chunk size that is a positive multiple of the
-// vector width, at most this many blocks and tensors per launch, this many threads per
-// block (at most the GPU's); `0` restores a default. Not thread-safe: for tests only.
 SOPHIA_API int sophia_set_packing(int64_t chunk_size, int max_blocks, int max_tensors, int block_size);
-
-// How many kernels the last call on this host thread launched.
 SOPHIA_API int64_t sophia_launch_count(void);
+#endif
 
 #ifdef __cplusplus
 }
