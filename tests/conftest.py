@@ -106,6 +106,28 @@ def tiny_gpt_config(**changes):
     )
 
 
+# A quiet training run of that GPT, with batches of four and one evaluation batch; a
+# test adds its steps and intervals. `tiny_gpt_args()` is the same run on the command
+# line of `python -m sophia.train` (where the learning rate is the optimizer's).
+def tiny_train_config(**changes):
+    r"""A `TrainConfig` of `tiny_gpt_config()` at `lr=1e-2`; `changes` override."""
+    from sophia.experiments.config import TrainConfig
+
+    fields = dict(
+        model=tiny_gpt_config(), batch_size=4, eval_iters=1, verbose=False, lr=1e-2
+    )
+    return TrainConfig(**{**fields, **changes})
+
+
+def tiny_gpt_args() -> list[str]:
+    r"""The flags of `tiny_gpt_config()`, `--batch-size 4 --eval-iters 1 --quiet`."""
+    config = tiny_gpt_config()
+    args = []
+    for field in ("block_size", "n_layer", "n_head", "n_embd"):
+        args += ["--" + field.replace("_", "-"), str(getattr(config, field))]
+    return [*args, "--batch-size", "4", "--eval-iters", "1", "--quiet"]
+
+
 # ## Nothing changed
 #
 # A refusal must leave the parameters and the optimizer's state bit for bit as they

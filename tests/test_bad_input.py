@@ -4,26 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import assert_unchanged, snapshot
 
 from sophia import SophiaG, SophiaH
-
-
-def snapshot(params, opt):
-    return (
-        [p.detach().clone() for p in params],
-        {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
-    )
-
-
-def assert_unchanged(before, params, opt):
-    old_params, old_state = before
-    for p, q in zip(params, old_params):
-        assert torch.equal(p.detach(), q)
-    assert {id(p) for p in opt.state} == set(old_state)
-    for p, s in opt.state.items():
-        assert s.keys() == old_state[id(p)].keys()
-        for k, v in s.items():
-            assert torch.equal(v, old_state[id(p)][k])
 
 
 @pytest.fixture(params=[False, True], ids=["reference", "foreach"])

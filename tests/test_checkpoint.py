@@ -27,6 +27,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import hyper, tiny_gpt_args, tiny_mlp, tiny_train_config
 
 from sophia import SophiaG, SophiaH, gnb_loss
 from sophia.experiments.checkpoint import (
@@ -35,19 +36,12 @@ from sophia.experiments.checkpoint import (
     save_checkpoint,
 )
 from sophia.experiments.config import TrainConfig
-from sophia.experiments.model import GPTConfig
 from sophia.experiments.train import train
 
-HYPER = dict(lr=0.02, betas=(0.9, 0.95), rho=0.05, weight_decay=0.1)
+HYPER = hyper(lr=0.02, betas=(0.9, 0.95))
 
 
-def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4)
-    )
-
-
+# Batches for `tiny_mlp(6, 12, 4)`: 16 rows of 6 inputs, labels among 4 classes.
 def batch(t):
     gen = torch.Generator().manual_seed(t)
     return torch.randn(16, 6, generator=gen), torch.randint(0, 4, (16,), generator=gen)
@@ -72,7 +66,7 @@ def train_steps(model, opt, labels, start, stop):
 
 
 def test_optimizer_state_and_label_generator_resume_a_run_exactly():
-    model, labels = make_model(), torch.Generator().manual_seed(3)
+    model, labels = tiny_mlp(6, 12, 4), torch.Generator().manual_seed(3)
     opt = SophiaG(model.parameters(), **HYPER)
     train_steps(model, opt, labels, 0, 10)
 
@@ -86,7 +80,7 @@ def test_optimizer_state_and_label_generator_resume_a_run_exactly():
 
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed, resumed_labels = make_model(), torch.Generator()
+    resumed, resumed_labels = tiny_mlp(6, 12, 4), torch.Generator()
     resumed.load_state_dict(saved["model"])
     resumed_opt = SophiaG(resumed.parameters(), **HYPER)
     resumed_opt.load_state_dict(saved["opt"])
@@ -102,7 +96,7 @@ def test_optimizer_state_and_label_generator_resume_a_run_exactly():
 # Without the generator's state the labels differ, and so does the run: the generator is
 # part of what a checkpoint must hold.
 def test_without_the_label_generator_the_run_differs():
-    model, labels = make_model(), torch.Generator().manual_seed(3)
+    model, labels = tiny_mlp(6, 12, 4), torch.Generator().manual_seed(3)
     opt = SophiaG(model.parameters(), **HYPER)
     train_steps(model, opt, labels, 0, 10)
     other_model, other_opt = copy.deepcopy(model), None
@@ -117,7 +111,7 @@ def test_without_the_label_generator_the_run_differs():
 
 
 def trained_state():
-    model = make_model()
+    model = tiny_mlp(6, 12, 4)
     opt = SophiaG(model.parameters(), **HYPER)
     train_steps(model, opt, torch.Generator().manual_seed(3), 0, 4)
     return model, opt
@@ -128,7 +122,7 @@ def test_a_state_of_the_wrong_shape_is_refused_and_nothing_loads(key):
     model, opt = trained_state()
     sd = opt.state_dict()
     sd["state"][2][key] = torch.zeros(3, 3)
-    fresh_model = make_model()
+    fresh_model = tiny_mlp(6, 12, 4)
     fresh = SophiaG(fresh_model.parameters(), **HYPER)
     with pytest.raises(
         ValueError,
@@ -145,14 +139,14 @@ def test_a_nonfinite_state_is_refused():
     sd["state"][1]["hessian"] = sd["state"][1]["hessian"].clone()
     sd["state"][1]["hessian"][0] = float("nan")
     with pytest.raises(ValueError, match=r"\['params'\]\[1\]: 'hessian' holds NaN"):
-        SophiaG(make_model().parameters(), **HYPER).load_state_dict(sd)
+        SophiaG(tiny_mlp(6, 12, 4).parameters(), **HYPER).load_state_dict(sd)
     sd = opt.state_dict()
     sd["state"][1]["exp_avg"] = sd["state"][1]["exp_avg"].clone()
     sd["state"][1]["exp_avg"][0] = float("inf")
     with pytest.raises(
         ValueError, match=r"\['params'\]\[1\]: 'exp_avg' holds non-finite values"
     ):
-        SophiaG(make_model().parameters(), **HYPER).load_state_dict(sd)
+        SophiaG(tiny_mlp(6, 12, 4).parameters(), **HYPER).load_state_dict(sd)
 
 
 # Finite gradients near the dtype's largest value make $\hat g^2$ overflow, and the
@@ -188,13 +182,13 @@ def test_a_state_of_the_wrong_dtype_is_refused():
     sd = opt.state_dict()
     sd["state"][0]["exp_avg"] = torch.zeros(12, 6, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"'exp_avg' has dtype torch.int64"):
-        SophiaG(make_model().parameters(), **HYPER).load_state_dict(sd)
+        SophiaG(tiny_mlp(6, 12, 4).parameters(), **HYPER).load_state_dict(sd)
 
 
 # AdamW's checkpoint has `exp_avg` (the same $m$) and no `hessian`: it loads, with a
 # warning, and until the next refresh every step is a sign step of size lr.
 def test_another_optimizers_state_loads_with_h_zero_and_a_warning():
-    model = make_model()
+    model = tiny_mlp(6, 12, 4)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, y = batch(0)
     F.cross_entropy(model(x), y).backward()
@@ -233,22 +227,10 @@ def test_a_negative_hessian_loads():
 
 # ## The training loop
 
-TINY_MODEL = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
-
 
 def tiny(tmp_path, **changes):
-    fields = dict(
-        model=TINY_MODEL,
-        batch_size=4,
-        steps=12,
-        hess_interval=3,
-        eval_interval=4,
-        eval_iters=1,
-        verbose=False,
-        lr=1e-2,
-        out=str(tmp_path),
-    )
-    return TrainConfig(**{**fields, **changes})
+    fields = dict(steps=12, hess_interval=3, eval_interval=4, out=str(tmp_path))
+    return tiny_train_config(**{**fields, **changes})
 
 
 # A write that fails (a full disk, here a `torch.save` that raises) leaves the previous
@@ -314,21 +296,9 @@ CLI = [
     "3",
     "--checkpoint-every",
     "7",
-    "--block-size",
-    "16",
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--batch-size",
-    "4",
-    "--eval-iters",
-    "1",
     "--eval-interval",
     "25",
-    "--quiet",
+    *tiny_gpt_args(),
 ]
 
 

@@ -13,17 +13,13 @@ import math
 
 import pytest
 import torch
+from conftest import assert_unchanged, hyper, implementations, snapshot
 
 from sophia import SophiaG, SophiaH
-from sophia.fused import fused_available
 
-IMPLS = [dict(foreach=False), dict(foreach=True)]
-if fused_available("cpu"):
-    IMPLS.append(dict(fused=True))
-IMPL_IDS = [
-    next(iter(flags)) + "=" + str(next(iter(flags.values()))) for flags in IMPLS
-]
-HYPER = dict(lr=0.1, betas=(0.9, 0.99), rho=0.05, weight_decay=0.1)
+FOUND = implementations()
+IMPLS, IMPL_IDS = list(FOUND.values()), list(FOUND)
+HYPER = hyper(lr=0.1, betas=(0.9, 0.99))
 
 
 def make_params():
@@ -32,27 +28,6 @@ def make_params():
         torch.randn(3, 4, generator=gen).requires_grad_(),
         torch.randn(5, generator=gen).requires_grad_(),
     ]
-
-
-def snapshot(params, opt):
-    return (
-        [p.detach().clone() for p in params],
-        {
-            i: {k: v.clone() for k, v in opt.state[p].items()}
-            for i, p in enumerate(params)
-            if p in opt.state
-        },
-    )
-
-
-def assert_unchanged(params, opt, before):
-    old_params, old_state = before
-    for p, q in zip(params, old_params):
-        assert torch.equal(p, q)
-    assert {i for i, p in enumerate(params) if p in opt.state} == set(old_state)
-    for i, s in old_state.items():
-        for k, v in s.items():
-            assert torch.equal(opt.state[params[i]][k], v), k
 
 
 # A few finite steps and a refresh first, so that there is state to protect.
@@ -81,7 +56,7 @@ def test_a_nonfinite_gradient_refuses_the_step_and_changes_nothing(flags, bad):
         match=r"param_groups\[0\]\['params'\]\[1\] has a gradient with 1 non-finite",
     ):
         opt.step(bs=8)
-    assert_unchanged(params, opt, before)
+    assert_unchanged(before, params, opt)
     # Once the gradient is fixed, training goes on.
     params[1].grad[2] = 0.0
     opt.step(bs=8)
@@ -108,7 +83,7 @@ def test_skip_skips_the_whole_step_and_counts_it(flags):
     before = snapshot(params, opt)
     opt.step(bs=8)
     assert opt.skipped_steps == 1
-    assert_unchanged(params, opt, before)
+    assert_unchanged(before, params, opt)
 
 
 # The opt-out does what it says: no look, and the NaN goes through.
@@ -140,7 +115,7 @@ def test_a_nonfinite_sampled_gradient_refuses_the_refresh(flags):
         match=r"update_hessian refused: param_groups\[0\]\['params'\]\[0\]",
     ):
         opt.update_hessian()
-    assert_unchanged(params, opt, before)
+    assert_unchanged(before, params, opt)
 
 
 @pytest.mark.parametrize("flags", IMPLS, ids=IMPL_IDS)
@@ -153,11 +128,11 @@ def test_a_nonfinite_estimate_refuses_or_skips_the_refresh(flags):
         match=r"estimates\[1\] has a Hessian estimate with 1 non-finite value\(s\) \(inf\)",
     ):
         opt.update_hessian(estimates)
-    assert_unchanged(params, opt, before)
+    assert_unchanged(before, params, opt)
     opt.nonfinite = "skip"
     opt.update_hessian(estimates)
     assert opt.skipped_refreshes == 1
-    assert_unchanged(params, opt, before)
+    assert_unchanged(before, params, opt)
 
 
 # ## Negative curvature

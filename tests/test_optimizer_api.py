@@ -4,17 +4,12 @@ import copy
 
 import pytest
 import torch
+from conftest import hyper, tiny_mlp
 
 from sophia import SophiaG, SophiaH
 
 
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
-    )
-
-
+# Batches for `tiny_mlp(6, 8, 3)`: 16 rows of 6 inputs, labels among 3 classes.
 def data(seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
@@ -47,20 +42,20 @@ def train(model, opt, steps, *, start=0, k=5):
 def test_state_dict_round_trip_equals_never_stopping(
     save_foreach, load_foreach, tmp_path
 ):
-    hyper = dict(lr=1e-2, rho=0.05, weight_decay=0.1)
-    straight = make_model()
-    opt = SophiaG(straight.parameters(), **hyper, foreach=save_foreach)
+    settings = hyper(lr=1e-2)
+    straight = tiny_mlp(6, 8, 3)
+    opt = SophiaG(straight.parameters(), **settings, foreach=save_foreach)
     train(straight, opt, 23)
 
-    first = make_model()
-    opt1 = SophiaG(first.parameters(), **hyper, foreach=save_foreach)
+    first = tiny_mlp(6, 8, 3)
+    opt1 = SophiaG(first.parameters(), **settings, foreach=save_foreach)
     train(first, opt1, 12)
     torch.save(
         {"model": first.state_dict(), "opt": opt1.state_dict()}, tmp_path / "ckpt.pt"
     )
 
-    second = make_model(seed=99)
-    opt2 = SophiaG(second.parameters(), **hyper, foreach=load_foreach)
+    second = tiny_mlp(6, 8, 3, seed=99)
+    opt2 = SophiaG(second.parameters(), **settings, foreach=load_foreach)
     ckpt = torch.load(tmp_path / "ckpt.pt")
     second.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
@@ -77,7 +72,7 @@ def test_state_dict_round_trip_equals_never_stopping(
 
 
 def test_state_keys_are_the_authors():
-    model = make_model()
+    model = tiny_mlp(6, 8, 3)
     opt = SophiaG(model.parameters())
     train(model, opt, 6)
     sd = opt.state_dict()
@@ -90,7 +85,7 @@ def test_state_keys_are_the_authors():
 
 def test_loads_a_checkpoint_written_by_the_authors_optimizer():
     # The authors' state_dict: same state keys, groups without our keyword-only flags.
-    model = make_model()
+    model = tiny_mlp(6, 8, 3)
     opt = SophiaG(model.parameters(), lr=3e-4, rho=0.05)
     train(model, opt, 6)
     sd = copy.deepcopy(opt.state_dict())
@@ -130,7 +125,7 @@ def test_lr_scheduler_drives_the_learning_rate():
 
 
 def test_zero_grad_and_closure():
-    model = make_model()
+    model = tiny_mlp(6, 8, 3)
     opt = SophiaG(model.parameters(), foreach=True)
     x, y = data(0)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_gpt_args, tiny_train_config
 
 import sophia
 import sophia.experiments.cli as cli_module
@@ -20,47 +21,13 @@ from sophia.experiments.cli import main
 from sophia.experiments.compare import compare, steps_to_reach, summarize
 from sophia.experiments.config import TrainConfig, lr_at
 from sophia.experiments.data import Corpus, load_corpus
-from sophia.experiments.model import GPTConfig
 from sophia.experiments.train import RunResult, train
 
-TINY_MODEL = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
-TINY = TrainConfig(
-    model=TINY_MODEL,
-    batch_size=8,
-    steps=30,
-    eval_interval=10,
-    eval_iters=2,
-    verbose=False,
-    lr=1e-2,
-)
-TINY_ARGS = [
-    "--block-size",
-    "16",
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--batch-size",
-    "4",
-    "--eval-iters",
-    "1",
-    "--eval-interval",
-    "2",
-    "--quiet",
-]
+TINY = tiny_train_config(batch_size=8, steps=30, eval_interval=10, eval_iters=2)
+TINY_ARGS = [*tiny_gpt_args(), "--eval-interval", "2"]
 PACKAGE_DIR = Path(sophia.__file__).resolve().parent
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models here are tiny: a second thread cannot speed them up, and on a busy
-    # machine it makes them much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
