@@ -10,8 +10,11 @@ that *use* it, and nothing in the library imports it.
 
 * [`model`](model.html): a small GPT, nanoGPT's shape.
 * [`data`](data.html): the offline corpus it trains on (`corpora/`), and batches of it.
-* [`train`](train.html): the training loop, `python -m sophia.train`, and the comparison
-  of AdamW with Sophia-G and Sophia-H, `python -m sophia.train compare`.
+* The training script, `python -m sophia.train`, in six chapters:
+  [`config`](config.html) (what a run is), [`train`](train.html) (the loop),
+  [`tracking`](tracking.html) (labml), [`checkpoint`](checkpoint.html) (save and resume),
+  [`compare`](compare.html) (AdamW against Sophia-G and Sophia-H, its table and plot,
+  `python -m sophia.train compare`) and [`cli`](cli.html) (the command line).
 * [`benchmark`](benchmark.html): one optimizer step timed against AdamW,
   `python -m sophia.benchmark`, and [`measure`](measure.html): the parameter set it
   times, its clock and the memory bandwidth it compares with.

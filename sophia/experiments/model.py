@@ -178,7 +178,7 @@ class CausalSelfAttention(nn.Module):
         # The masked softmax attention above, `(B, H, T, C/H)`, in one call with the
         # scale $1/\sqrt{C/H}$ and `is_causal=True`. Its fused kernels cannot be
         # differentiated twice, so Sophia-H runs it under the math backend (see
-        # [the estimators](../hessian.html)).
+        # [the estimators](../hessian.html#kernels-with-no-second-derivative)).
         #
         # `dropout_p` is a plain argument, not a module that `model.eval()` turns off,
         # hence the test on `self.training`.

@@ -305,8 +305,8 @@ def evaluate(
 #
 # Sophia-G's step gets $B$, the predictions behind its estimate: the stored average
 # of $\hat g \odot \hat g$ times $B$ is the Gauss-Newton diagonal of the mean loss
-# ([why](../hessian.html)); pass the wrong $B$ and $\rho$ silently means something
-# else. Sophia-H keeps `bs=1`.
+# ([why](../hessian.html#bartletts-identities)); pass the wrong $B$ and $\rho$
+# silently means something else. Sophia-H keeps `bs=1`.
 def train_step(
     model: GPT,
     optimizer: torch.optim.Optimizer,
@@ -358,7 +358,8 @@ def refresh_hessian(
         optimizer.update_hessian()
     else:
         # Hutchinson's $u \odot (\nabla^2 L\, u)$ of the true-label loss; its double
-        # backward needs the plain ("math") attention ([why](../hessian.html)).
+        # backward needs the plain ("math") attention
+        # ([why](../hessian.html#kernels-with-no-second-derivative)).
         with sdpa_kernel(SDPBackend.MATH):
             _, true_loss = model(x, y)
         optimizer.update_hessian(loss=true_loss, generator=generator)
