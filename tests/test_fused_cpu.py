@@ -796,6 +796,16 @@ BAD = {
 }
 
 
+def assert_columns_unchanged(state, before):
+    for column, old in zip(state, before):
+        for t, o in zip(column, old):
+            if t.device.type != "meta":
+                assert torch.equal(
+                    t.to_dense() if t.is_sparse else t,
+                    o.to_dense() if o.is_sparse else o,
+                )
+
+
 @pytest.mark.parametrize("kind", list(BAD))
 def test_bad_input_is_refused_before_anything_is_written(ext, kind):
     state = spoil(kind, random_state([5, 1023, 3], torch.float32))
@@ -804,13 +814,7 @@ def test_bad_input_is_refused_before_anything_is_written(ext, kind):
     exc, match = BAD[kind]
     with pytest.raises(exc, match=match):
         fused.sophiag_fused(*state, steps, **HYPER)
-    for column, old in zip(state, before):
-        for t, o in zip(column, old):
-            if t.device.type != "meta":
-                assert torch.equal(
-                    t.to_dense() if t.is_sparse else t,
-                    o.to_dense() if o.is_sparse else o,
-                )
+    assert_columns_unchanged(state, before)
     assert all(float(s) == 2.0 for s in steps)
 
 
@@ -870,13 +874,7 @@ def test_binding_refuses_bad_tensors(ext, kind):
     before = [[t.clone() for t in column] for column in state]
     with pytest.raises(RuntimeError, match=match):
         ext.fused_step(state, 0.1, None, 0.9, 1.0, 0.1, 1e-15, False, None, None, 0)
-    for column, old in zip(state, before):
-        for t, o in zip(column, old):
-            if t.device.type != "meta":
-                assert torch.equal(
-                    t.to_dense() if t.is_sparse else t,
-                    o.to_dense() if o.is_sparse else o,
-                )
+    assert_columns_unchanged(state, before)
 
 
 def test_binding_refuses_bad_scalars(ext):

@@ -39,6 +39,16 @@ needs_nvcc = pytest.mark.skipif(
 )
 
 
+# One nvcc run in `tmp_path`, compiling `source` into `out`: `-O3` and the given flags.
+def nvcc(source, out, *flags):
+    return subprocess.run(
+        [NVCC, *flags, "-O3", str(source), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=out.parent,
+    )
+
+
 def test_there_are_cuda_sources():
     assert CU_FILES, f"no .cu file in {CSRC}"
 
@@ -47,22 +57,7 @@ def test_there_are_cuda_sources():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_compiles_with_plain_nvcc(source, arch, tmp_path):
-    result = subprocess.run(
-        [
-            NVCC,
-            "-c",
-            f"-arch={arch}",
-            "-O3",
-            "-Xptxas",
-            "-v",
-            str(source),
-            "-o",
-            str(tmp_path / "out.o"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = nvcc(source, tmp_path / "out.o", "-c", f"-arch={arch}", "-Xptxas", "-v")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out.o").stat().st_size > 0
     barriers = [int(n) for n in re.findall(r"used (\d+) barriers", result.stderr)]
@@ -88,22 +83,8 @@ TORCH_NVCC_FLAGS = [
 @pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_compiles_with_the_flags_torch_uses(source, build, tmp_path):
-    result = subprocess.run(
-        [
-            NVCC,
-            "-c",
-            "-arch=sm_80",
-            "-O3",
-            *TORCH_NVCC_FLAGS,
-            *BUILDS[build],
-            str(source),
-            "-o",
-            str(tmp_path / "out.o"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    flags = ["-c", "-arch=sm_80", *TORCH_NVCC_FLAGS, *BUILDS[build]]
+    result = nvcc(source, tmp_path / "out.o", *flags)
     assert result.returncode == 0, result.stderr
 
 
@@ -121,21 +102,7 @@ FORBIDDEN_PTX = re.compile(
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_ptx_has_no_inter_thread_communication(source, tmp_path):
     ptx = tmp_path / "out.ptx"
-    result = subprocess.run(
-        [
-            NVCC,
-            "-ptx",
-            "-arch=compute_90",
-            "-O3",
-            *BUILDS["tests"],
-            str(source),
-            "-o",
-            str(ptx),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = nvcc(source, ptx, "-ptx", "-arch=compute_90", *BUILDS["tests"])
     assert result.returncode == 0, result.stderr
     text = ptx.read_text()
     assert ".entry" in text
