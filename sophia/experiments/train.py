@@ -25,7 +25,7 @@ From a notebook, `train(TrainConfig(...))` returns a `RunResult`. Around this lo
 ## The recipe
 
 Every step: a batch of `batch_size` sequences of `seq_len` tokens, the mean
-cross-entropy over its $B = $ `batch_size` $\times$ `seq_len` predictions,
+cross-entropy over its $B$ = `batch_size` $\times$ `seq_len` predictions,
 back-propagation, gradient clipping to norm `grad_clip`, the learning rate of the
 schedule, one optimizer step. Then, for Sophia, every $k$ = `hess_interval` steps, *after* that step's update,
 a refresh of the Hessian estimate on a fresh batch:
