@@ -135,7 +135,12 @@ def test_pages_are_files_that_work_from_disk(builds):
     site, _, _ = builds
     reference = (site / "code" / "reference.html").read_text()
     assert 'href="foreach.html"' in reference
-    assert 'src="../assets/katex/katex.min.js"' in reference
+    # The math is typeset at build time: the page links KaTeX's stylesheet (and fonts),
+    # and loads no math JavaScript; a notebook page, whose math is Jupyter's, does.
+    assert 'href="../assets/katex/katex.min.css"' in reference
+    assert "katex.min.js" not in reference and 'class="katex"' in reference
+    notebook = (site / "notebooks" / "01_toy_quadratics.html").read_text()
+    assert 'src="../assets/katex/katex.min.js"' in notebook
     assert (site / "search" / "search_index.js").is_file()
     # The directory URLs that links from elsewhere use (`code/reference/`) lead to the pages.
     assert (
@@ -166,3 +171,21 @@ def test_committed_site_is_current(builds):
         f"site/ is stale ({len(differences)} files): rebuild it with: {REBUILD}\n"
         + "\n".join(differences[:30])
     )
+
+
+def test_pages_are_light(builds):
+    # The notebooks share their Jupyter stylesheets instead of inlining a copy each,
+    # and describe their plots; the search index holds prose, not the code columns.
+    site, _, _ = builds
+    for page in sorted((site / "notebooks").glob("*.html")):
+        html = page.read_text()
+        assert "<style" not in html, f"{page.name} inlines a stylesheet"
+        assert "No description has been provided" not in html, page.name
+        for href in re.findall(r'href="(\.\./assets/notebooks/[^"]+)"', html):
+            assert (page.parent / href).is_file(), href
+    index = (site / "search" / "search_index.json").read_text()
+    assert "def sophiag_reference" not in index and "sophiag_reference" in index
+    # 404.html is shown at any depth: its links are relative, not /sophia/....
+    missing = (site / "404.html").read_text()
+    assert 'href="/sophia/' not in missing and 'src="/sophia/' not in missing
+    assert 'href="assets/stylesheets/' in missing

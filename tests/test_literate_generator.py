@@ -364,3 +364,88 @@ def test_each_page_is_also_reachable_at_its_directory_url(tmp_path):
         'content="0; url=../reference.html"' in stub and "The &lt;reference&gt;" in stub
     )
     assert not (tmp_path / "index" / "index.html").exists()
+
+
+# ## Titles, permalinks, and the math hook (docs/hooks/rendering.py)
+
+
+def test_the_docstrings_heading_is_the_title_or_dropped_and_paths_are_escaped():
+    headed = parse_py('r"""\n# The heading\n\nProse.\n"""\nx = 1\n')
+    page = literate.to_markdown(headed, "m.py", "code/m.md", "https://e.org/m", [], {})
+    assert "title: The heading" in page and page.count("# The heading") == 1
+    titled = parse_py('r"""\n---\ntitle: Front\n---\n# Other\n\nProse.\n"""\nx = 1\n')
+    page = literate.to_markdown(titled, "m.py", "code/m.md", "https://e.org/m", [], {})
+    assert "# Front\n" in page and "Other" not in page
+    bare = parse_py("x = 1\n")
+    page = literate.to_markdown(
+        bare, "__main__.py", "code/__main__.md", "https://e.org/m", [], {}
+    )
+    assert "# \\_\\_main\\_\\_.py\n" in page and "title: __main__.py" in page
+    html = markdown.markdown(page.split("---\n", 2)[2])
+    assert "<h1>__main__.py</h1>" in html
+
+
+def test_each_section_has_an_anchor_at_its_first_line_and_the_code_is_not_indexed():
+    lit = parse_py("x = 1\n\n# Why y.\ny = 2\n")
+    page = literate.to_markdown(lit, "m.py", "code/m.md", "https://e.org/m", [], {})
+    assert 'id="L1"' in page and 'id="L3"' in page and 'href="#L3"' in page
+    filled = literate.CODE_DIV.sub("<x>", page)
+    assert filled.count("<x>") == 2
+    # No headings in the prose: no table of contents, whose column would be empty.
+    assert "- toc" in page
+
+
+_rspec = importlib.util.spec_from_file_location(
+    "rendering_hook", ROOT / "docs" / "hooks" / "rendering.py"
+)
+rendering = importlib.util.module_from_spec(_rspec)
+_rspec.loader.exec_module(rendering)
+
+
+@pytest.fixture
+def katex():
+    from conftest import require
+
+    installed = (ROOT / ".cache" / "npm" / "node_modules" / "katex").is_dir()
+    require(
+        installed and rendering.shutil.which("node") is not None,
+        "typesetting needs node and KaTeX (apt-get install nodejs; mkdocs build)",
+    )
+    rendering._katex = rendering.KaTeX(ROOT)
+    yield rendering._katex
+    rendering._katex.close()
+    rendering._katex = None
+
+
+def test_a_formula_katex_cannot_parse_is_reported_with_its_file_and_line(
+    katex, tmp_path, caplog
+):
+    (tmp_path / "mkdocs.yml").write_text("site_name: x\n")
+    (tmp_path / "m.py").write_text("x = 1\n# Fine: $a_{b}$.\n# Broken: $\\frac{a$.\n")
+
+    class Config:
+        config_file_path = str(tmp_path / "mkdocs.yml")
+
+    class Page:
+        meta = {"source": "m.py"}
+        file = type("F", (), {"src_uri": "code/m.md", "abs_src_path": None})
+
+    html = (
+        '<p>Fine: <span class="arithmatex">\\(a_{b}\\)</span>. Broken: '
+        '<span class="arithmatex">\\(\\frac{a\\)</span>.</p>'
+    )
+    with caplog.at_level("WARNING"):
+        out = rendering.typeset(html, Page, Config)
+    assert out.count('class="katex"') == 1 and 'class="katex-error"' in out
+    assert "m.py:3: KaTeX cannot parse $\\frac{a$" in caplog.text
+    # A display formula is typeset in display mode, with MathML for screen readers.
+    shown = rendering.typeset('<span class="arithmatex">\\[x\\]</span>', Page, Config)
+    assert "katex-display" in shown and "<math" in shown
+
+
+def test_a_plots_alt_text_is_its_figures_title():
+    source = 'fig.suptitle("Loss by step")\nax.set(title=f"{name}: paths")\n'
+    assert rendering.figure_titles(source) == "Loss by step; …: paths"
+    html = f"<img {rendering.NO_DESCRIPTION}><img {rendering.NO_DESCRIPTION}>"
+    out = rendering.describe_plots(html, ["One", "Two <b>"])
+    assert 'alt="One"' in out and 'alt="Two &lt;b&gt;"' in out

@@ -141,12 +141,14 @@ SOURCE_DATE_EPOCH = "1767225600"
 # ## A parsed file
 #
 # A `Section` is one row of the page: its prose (Markdown) and its code, as
-# `(line number, line)` pairs with the file's own numbers. A `Literate` file is the
+# `(line number, line)` pairs with the file's own numbers, and the number of its first
+# line, which names its anchor (`#L142`). A `Literate` file is the
 # front matter, the prose of the opening docstring, and the sections.
 @dataclasses.dataclass
 class Section:
     prose: list[str] = dataclasses.field(default_factory=list)
     code: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    start: int = 0
 
 
 @dataclasses.dataclass
@@ -259,17 +261,17 @@ def parse(source: str, language: str) -> Literate:
     for number, line in enumerate(source.splitlines(), start=1):
         if number in docs:
             if not sections:
-                sections.append(Section())
+                sections.append(Section(start=number))
             sections[-1].prose += ["", *docs[number].splitlines()]
         if number in hidden:
             continue
         if number in prose:
             if not sections or sections[-1].code:
-                sections.append(Section())
+                sections.append(Section(start=number))
             sections[-1].prose.append(prose[number])
         elif sections or line.strip():
             if not sections:
-                sections.append(Section())
+                sections.append(Section(start=number))
             sections[-1].code.append((number, line))
     for section in sections:
         while section.code and not section.code[-1][1].strip():
@@ -345,12 +347,30 @@ class DisplayMathExtension(Extension):
 # ## The page, in Markdown
 #
 # The front matter carries the title and, as `description`, the summary (which the
-# theme puts in the page's `<meta>`); a file without front matter is titled by its
-# path. The header repeats the title, states the summary,
-# and links to the source on GitHub and to the related notebooks. The introduction
-# follows; its first heading, if it is the title again, is dropped. Each section is a
-# `div` in two halves: its prose, rendered by Markdown (`md_in_html`), and an empty
-# code `div` that `on_page_content` fills, so that Markdown never sees the code.
+# theme puts in the page's `<meta>`), and the source's path (for the math hook's error
+# messages). The title is the front matter's, else the introduction's leading `# `
+# heading, else the file's path; the leading heading is dropped either way, so that a
+# page has one title. A title made from a path is escaped (`__main__.py` is no bold
+# "main.py"). The header repeats the title, states the summary, and links to the source
+# on GitHub and to the related notebooks. Each section is a `div` in two halves: its
+# prose, rendered by Markdown (`md_in_html`), with a permalink to the section's first
+# line (`#L142`, shown on hover), and an empty code `div` that `on_page_content` fills,
+# so that Markdown never sees the code. The code stays out of the search index
+# (`data-search-exclude`): searching finds the prose that explains it. A page whose
+# prose has no headings hides the table of contents, whose column would be empty.
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#|!])")
+HEADING = re.compile(r"^#{1,6} ", re.M)
+
+
+def page_title(lit: Literate, source: str) -> tuple[str, str]:
+    first, _, rest = lit.intro.partition("\n")
+    heading = first[2:].strip() if first.startswith("# ") else ""
+    intro = rest.strip("\n") if heading else lit.intro
+    if lit.meta.get("title"):
+        return str(lit.meta["title"]), intro
+    return heading or MARKDOWN_SPECIAL.sub(r"\\\1", source), intro
+
+
 def to_markdown(
     lit: Literate,
     source: str,
@@ -359,22 +379,29 @@ def to_markdown(
     notebooks: list[str],
     pages: dict[str, str],
 ) -> str:
-    title = str(lit.meta.get("title") or source)
+    title, intro = page_title(lit, source)
     summary = str(lit.meta.get("summary") or "")
+    prose = [
+        resolve_links("\n".join(s.prose), source, page, pages) for s in lit.sections
+    ]
+    hide = ["navigation"]
+    if not any(HEADING.search(text) for text in [intro, *prose]):
+        hide.append("toc")
     front = yaml.safe_dump(
-        {"title": title, "description": summary, "hide": ["navigation"]}, sort_keys=True
+        {
+            "title": title.replace("\\", ""),
+            "description": summary,
+            "hide": hide,
+            "source": source_url.rpartition(f"/blob/{BRANCH}/")[2] or source,
+        },
+        sort_keys=True,
     )
     here = posixpath.dirname(page)
     links = [f"[Source on GitHub]({source_url})"]
     for name in notebooks:
         target = posixpath.relpath(f"notebooks/{name}", here)
-        links.append(
-            f"[Notebook {name[:2].lstrip('0')}: {name[3:-6].replace('_', ' ')}]({target})"
-        )
-    intro = lit.intro
-    first, _, rest = intro.partition("\n")
-    if first.strip() == f"# {title}":
-        intro = rest.strip("\n")
+        number, words = name[:2].lstrip("0"), name[3:-6].replace("_", " ")
+        links.append(f"[Notebook {number}: {words}]({target})")
     out = [f"---\n{front}---\n", f"# {title}\n"]
     if summary:
         out.append(f'<p class="literate-summary" markdown>{summary}</p>\n')
@@ -382,11 +409,15 @@ def to_markdown(
     out.append('<div class="literate-page" markdown>\n')
     if intro:
         out.append(resolve_links(intro, source, page, pages) + "\n")
-    for index, section in enumerate(lit.sections):
-        prose = resolve_links("\n".join(section.prose), source, page, pages)
+    for index, (section, text) in enumerate(zip(lit.sections, prose)):
+        anchor = f"L{section.start}"
         out.append(
-            f'<div class="literate-section" markdown>\n<div class="literate-prose" markdown>\n\n{prose}\n\n</div>\n'
-            f'<div class="literate-code" data-section="{index}"></div>\n</div>\n'
+            f'<div class="literate-section" id="{anchor}" markdown>\n'
+            f'<div class="literate-prose" markdown>\n'
+            f'<a class="literate-permalink" href="#{anchor}" data-search-exclude '
+            f'title="Link to line {section.start}">¶</a>\n\n{text}\n\n</div>\n'
+            f'<div class="literate-code" data-section="{index}">'
+            "</div>\n</div>\n"
         )
     out.append("</div>\n")
     return "\n".join(out)
@@ -400,6 +431,8 @@ def to_markdown(
 # Each section shows its own lines, each with its real number: a `span` per line whose
 # `data-line` is the number, which the stylesheet shows in the margin (as generated
 # content, so that copying the code copies no numbers) and a test compares with the file.
+# A line too long for the column wraps, its continuation indented past the line's own
+# indentation (`--indent`, in characters), under the same number.
 def highlight_lines(source: str, language: str) -> list[str]:
     lexer = get_lexer_by_name(language, stripnl=False, ensurenl=True)
     html = highlight(source.replace("\r\n", "\n"), lexer, HtmlFormatter(nowrap=True))
@@ -408,8 +441,9 @@ def highlight_lines(source: str, language: str) -> list[str]:
 
 def code_html(section: Section, lines: list[str]) -> str:
     rows = "".join(
-        f'<span class="literate-line" data-line="{n}">{lines[n - 1]}</span>\n'
-        for n, _ in section.code
+        f'<span class="literate-line" data-line="{n}" '
+        f'style="--indent: {len(text) - len(text.lstrip())}">{lines[n - 1]}</span>\n'
+        for n, text in section.code
     )
     return f'<div class="highlight"><pre><code>{rows}</code></pre></div>'
 
@@ -561,7 +595,7 @@ def site_assets(root: pathlib.Path) -> dict[str, pathlib.Path]:
 # finds a diagram, Mermaid from a CDN; we take those scripts out (KaTeX renders the
 # notebooks' math like every other page's, and our notebooks draw no Mermaid
 # diagrams), so that the site loads nothing from elsewhere.
-CODE_DIV = re.compile(r'<div class="literate-code" data-section="(\d+)"></div>')
+CODE_DIV = re.compile(r'<div class="literate-code" data-section="(\d+)"[^>]*></div>')
 NOTEBOOK_SCRIPTS = [
     re.compile(r'<script[^>]*\ssrc="(?:(?:https?:)?//[^"]*)?"[^>]*>\s*</script>\s*'),
     re.compile(r'<script type="text/x-mathjax-config">.*?</script>\s*', re.S),
@@ -585,7 +619,8 @@ def on_page_content(html: str, page, config, files) -> str:
         lit, lines = parsed
         return CODE_DIV.sub(
             lambda m: (
-                f'<div class="literate-code">{code_html(lit.sections[int(m.group(1))], lines)}</div>'
+                f'<div class="literate-code" data-search-exclude>'
+                f"{code_html(lit.sections[int(m.group(1))], lines)}</div>"
             ),
             html,
         )
