@@ -85,6 +85,23 @@ def _git_info() -> tuple[dict[str, Any], None]:
     return info, None
 
 
+# In a notebook, whose outputs are published, labml's header would show the checkout's
+# last commit message and `[clean]`/`[dirty]`: there it shows the run's name and id
+# only (the run still records the commit). A command line keeps labml's header.
+def _in_notebook() -> bool:
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _header_without_git(run: Any) -> None:
+    from labml import logger
+    from labml.logger import Text
+
+    logger.log()
+    logger.log([(run.name, Text.title), ": ", (str(run.uuid), Text.meta)])
+
+
 # ## Keeping labml inside `out`
 #
 # labml's lab and computer are process-wide singletons, so every run points them at
@@ -183,7 +200,11 @@ class Tracker:
         # The run records the training loop as its script, which is what ran.
         from . import train
 
-        experiment_internal.experiment_singleton().run.python_file = train.__file__
+        current = experiment_internal.experiment_singleton()
+        current.run.python_file = train.__file__
+        # labml prints its header through a private method, replaced on this run only.
+        if _in_notebook():
+            current._Experiment__print_info = lambda: _header_without_git(current.run)
         experiment.configs(_flatten(self.config.to_dict()))
         self._stack.enter_context(experiment.start())
 
