@@ -12,7 +12,9 @@ The Sophia optimizer of [Liu et al.](https://arxiv.org/abs/2305.14342), written 
 * [`sophia.reference`](reference.html): the step, one tensor at a time, one line per line of the paper.
 * [`sophia.foreach`](foreach.html): the same step with `torch._foreach_*` ops.
 * [`sophia.checks`](checks.html): what the optimizer checks and chooses before it writes
-  anything (hyperparameters, non-finite values, FSDP shards, loaded states).
+  anything (hyperparameters, non-finite values, FSDP shards).
+* [`sophia.loading`](loading.html): the checks of a loaded state, and another
+  optimizer's (AdamW's) state adopted.
 * [`sophia.hessian`](hessian.html): the estimators of the Hessian diagonal
   (Gauss-Newton-Bartlett, Hutchinson, and the exact diagonal for small problems).
 * [`sophia.fused`](fused.html) and `sophia/csrc/`: the fused kernel, CUDA C++ that also

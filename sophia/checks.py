@@ -9,8 +9,9 @@ that raised halfway would leave some layers a step ahead of others, with no copy
 old values to go back to. This module holds all that is settled before the first write,
 so that the optimizer's module reads as the class a user imports:
 
-* the checks of the **hyperparameters** and of `bs`, of the **estimates** given to
-  `update_hessian`, and of a **loaded state**;
+* the checks of the **hyperparameters** and of `bs` (and of a learning rate the
+  parameters' dtype can hold), of the **parameters** and of the **estimates** given to
+  `update_hessian` (a loaded state has [its own module](loading.html));
 * the **choice of an implementation** per group (reference, foreach or the fused
   kernel), with the kernel's own checks;
 * the search for **non-finite values** in gradients and estimates (`nonfinite=`);
@@ -25,6 +26,7 @@ DDP, FSDP and mixed precision is on the [scale page](../scale.md).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,25 +37,50 @@ from torch import Tensor
 
 # ## Hyperparameters
 #
-# A number is an `int` or a `float`, but not a `bool`: `True` is the integer 1, so
-# `SophiaG(params, True)` (a flag in the `lr` slot) would train with $\eta_t = 1$.
-# NumPy's `float64` subclasses `float` and passes.
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+# A number is any real scalar, as in `torch.optim`: `int`, `float`, a NumPy scalar
+# (`numbers.Real`), or a one-element CPU tensor; never a `bool`: `True` is the integer
+# 1, so `SophiaG(params, True)` (a flag in the `lr` slot) would train with $\eta_t = 1$.
+# `_number` gives its value as a Python `float` (`None` for anything else): the math
+# is done on Python floats, so that a NumPy `float32` does not round it in `float32`.
+def _number(x: Any) -> float | None:
+    if isinstance(x, Tensor):
+        if x.numel() != 1 or x.device.type != "cpu" or x.dtype == torch.bool:
+            return None
+        if x.is_complex():
+            return None
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
 
 
 # One number against its lower bound, and finite: $+\infty$ passes every lower bound
-# and NaN fails every comparison, so a bound alone would let either through.
+# and NaN fails every comparison, so a bound alone would let either through. An `int`
+# too large for a `float` (`10**400`) is refused as infinite.
 def _check_number(name: str, value: Any, *, low: float, low_inclusive: bool) -> None:
-    if not _is_number(value):
+    number = _number(value)
+    if number is None:
         raise TypeError(
             f"{name} must be a real number, "
-            f"got {value!r} of type {type(value).__name__}"
+            f"got {_show(value)} of type {type(value).__name__}"
         )
-    ok = value >= low if low_inclusive else value > low
-    if not (math.isfinite(value) and ok):
+    ok = number >= low if low_inclusive else number > low
+    if not (math.isfinite(number) and ok):
         bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number {bound}, got {_show(value)}")
+
+
+# A value as the messages show it: a one-element tensor by its value, an `int` of
+# hundreds of digits by its size.
+def _show(value: Any) -> str:
+    if isinstance(value, Tensor) and value.numel() == 1 and value.device.type == "cpu":
+        return f"{value.item()!r} (a tensor)"
+    if isinstance(value, int) and abs(value) > 10**30:
+        return f"an int of {len(str(abs(value)))} digits"
+    return repr(value)
 
 
 # A whole parameter group, `where` naming it in the message (`""` for the
@@ -73,7 +100,7 @@ def _check_group(group: dict, where: str, *, at_step: bool = False) -> None:
         raise ValueError(f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
         _check_number(f"{where}betas[{i}]", beta, low=0.0, low_inclusive=True)
-        if not beta < 1.0:
+        if not _number(beta) < 1.0:
             raise ValueError(f"{where}betas[{i}] must be in [0, 1), got {beta!r}")
     for flag in ("maximize", "capturable"):
         if not isinstance(group[flag], bool):
@@ -98,19 +125,20 @@ def _check_groups(param_groups: list[dict]) -> None:
         _check_group(group, where=f"param_groups[{gi}]: ", at_step=True)
 
 
-# The learning rate is a Python number or, with `fused=True` only, a one-element
-# floating tensor that the kernel reads from device memory (for CUDA graphs). A
-# tensor's value is read only when the group is made (`at_step=False`): a read at each
-# step would wait for the device, an error inside a graph capture.
+# The learning rate is a number (a one-element CPU tensor included, read at each step
+# for free) or, with `fused=True` only, a one-element floating tensor on the device that
+# the kernel reads from device memory (for CUDA graphs) as a `float32`. Such a tensor's
+# value is read only when the group is made (`at_step=False`): a read at each step
+# would wait for the device, an error inside a graph capture.
 def _check_lr(group: dict, where: str, *, at_step: bool) -> None:
     lr = group["lr"]
-    if not isinstance(lr, Tensor):
+    if not isinstance(lr, Tensor) or lr.device.type == "cpu" and not group["fused"]:
         _check_number(f"{where}lr", lr, low=0.0, low_inclusive=True)
         return
     if not group["fused"]:
         raise TypeError(
             f"{where}lr is a tensor ({lr.dtype}, {lr.device}); "
-            "a tensor lr needs fused=True"
+            "a tensor lr off the CPU needs fused=True"
         )
     if lr.numel() != 1 or not lr.is_floating_point():
         raise ValueError(
@@ -119,6 +147,11 @@ def _check_lr(group: dict, where: str, *, at_step: bool) -> None:
         )
     if not at_step:
         _check_number(f"{where}lr", lr.item(), low=0.0, low_inclusive=True)
+        if lr.item() > torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"{where}lr={lr.item()!r} as a tensor is read as a float32, whose "
+                f"largest value is {torch.finfo(torch.float32).max!r}"
+            )
 
 
 # `bs` is $B$, which multiplies the stored `hessian`: zero, negative or infinite, it
@@ -126,6 +159,71 @@ def _check_lr(group: dict, where: str, *, at_step: bool) -> None:
 # `step()`, not a group setting, as in the authors' code.
 def _check_bs(bs: Any) -> None:
     _check_number("bs", bs, low=0.0, low_inclusive=False)
+
+
+# The group's settings as the step's implementations take them: Python floats, whatever
+# real scalar the user gave; `lr` stays a tensor only where the kernel reads it there.
+def _hyper(group: dict) -> dict:
+    lr = group["lr"]
+    return dict(
+        lr=lr if _number(lr) is None else _number(lr),
+        beta1=_number(group["betas"][0]),
+        rho=_number(group["rho"]),
+        weight_decay=_number(group["weight_decay"]),
+        eps=_number(group["eps"]),
+    )
+
+
+# ## A learning rate the dtype can hold
+#
+# The step computes $1 - \eta\lambda$ and $-\eta$ in the working precision (`float32`
+# for every dtype but `float64`) and writes $\theta(1 - \eta\lambda) - \eta u$ into the
+# parameter's dtype. A learning rate beyond what they can hold would write an infinity
+# (or raise halfway through the step), so it is refused before any write, naming the
+# group, the dtype and its limit. With $|1 - \eta\lambda| \le 1$ and $\eta$ below a
+# quarter of the spacing of the dtype's largest values, no finite $\theta$ can
+# overflow; only outside that range is $\max|\theta|$ read (a wait for the device).
+def _check_step_range(plan: list[tuple], param_groups: list[dict]) -> None:
+    for group, params, _tensors, _impl in plan:
+        gi = next(i for i, g in enumerate(param_groups) if g is group)
+        hyper = _hyper(group)
+        if isinstance(hyper["lr"], Tensor):
+            continue
+        for dtype in sorted({_real_dtype(p.dtype) for p in params}, key=str):
+            tensors = [p for p in params if _real_dtype(p.dtype) == dtype]
+            _check_lr_fits(f"param_groups[{gi}]", hyper, dtype, tensors)
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
+
+
+def _check_lr_fits(where: str, hyper: dict, dtype: torch.dtype, params: list) -> None:
+    lr, decay_rate = hyper["lr"], hyper["weight_decay"]
+    working = torch.float64 if dtype == torch.float64 else torch.float32
+    limit = torch.finfo(working).max
+    decay = 1 - lr * decay_rate
+    if lr > limit or decay < -limit:
+        raise ValueError(
+            f"{where}: lr={lr!r} (with weight_decay={decay_rate!r}) does not fit in "
+            f"{working}, in which the step of its {dtype} parameters is computed "
+            f"(largest value {limit!r}); the step was refused, nothing changed"
+        )
+    finfo = torch.finfo(dtype)
+    if abs(decay) <= 1 and lr <= finfo.max * finfo.eps / 8:
+        return
+    largest = max(
+        [float(_local(p).detach().abs().max()) for p in params if p.numel()] or [0.0]
+    )
+    bound = largest * abs(decay) + lr
+    found = torch.tensor(float(bound * (1 + 2**-16) > finfo.max))
+    if bool(_agree_across_shards(found, params)):
+        raise ValueError(
+            f"{where}: lr={lr!r} with weight_decay={decay_rate!r} would take a {dtype} "
+            f"parameter of magnitude up to {largest:g} past the largest {dtype} "
+            f"({finfo.max:g}): |theta| * |1 - lr * weight_decay| + lr = {bound:g}; "
+            "the step was refused, nothing changed"
+        )
 
 
 # What a NaN or an infinity in a gradient or an estimate does; one rule for the whole
@@ -232,6 +330,7 @@ def _params_with_grad(
         for pi, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
+            _check_not_meta(f"param_groups[{gi}]['params'][{pi}]", p)
             if p.grad.is_sparse:
                 raise RuntimeError(
                     "SophiaG does not support sparse gradients: "
@@ -242,6 +341,17 @@ def _params_with_grad(
             grads.append(p.grad)
         plan.append((group, params, grads))
     return plan
+
+
+# A parameter on the `meta` device has a shape and no values (a model built for a
+# deferred initialization): there is nothing to step until it is materialized.
+def _check_not_meta(where: str, p: Tensor) -> None:
+    if p.device.type == "meta":
+        raise ValueError(
+            f"{where} is on the meta device (shape {tuple(p.shape)}, no values): "
+            "materialize the model first, e.g. model.to_empty(device=...) and "
+            "initialize it; nothing was changed"
+        )
 
 
 # `update_hessian(estimates)` takes one entry per parameter of all groups, in the order
@@ -266,11 +376,12 @@ def _match_estimates(
             "None to skip one)"
         )
     plan, index = [], 0
-    for group in param_groups:
+    for gi, group in enumerate(param_groups):
         params, ests = [], []
-        for p in group["params"]:
+        for pi, p in enumerate(group["params"]):
             est = estimates[index]
             if est is not None:
+                _check_not_meta(f"param_groups[{gi}]['params'][{pi}]", p)
                 _check_estimate(index, est, p)
                 params.append(p)
                 ests.append(est)
@@ -305,56 +416,6 @@ def _check_estimate(index: int, est: Any, p: Tensor) -> None:
         raise TypeError(
             f"{where} has dtype {est.dtype} but its parameter has dtype {p.dtype}"
         )
-
-
-# ## A loaded state
-#
-# `torch.optim.Optimizer.load_state_dict` takes the state as it comes, so it is checked
-# here first, against the parameters it will belong to. Where the groups do not line
-# up, the refusal is PyTorch's own (it names the groups and their sizes). Returns how
-# many parameters have `exp_avg` and no `hessian` (another optimizer's checkpoint), for
-# the warning; the rules are in [the docs](../engineering/optimizer.md#loading-a-state).
-def _check_state_dict(state_dict: dict, param_groups: list[dict]) -> int:
-    saved_groups = state_dict.get("param_groups", [])
-    if len(saved_groups) != len(param_groups) or not all(
-        len(s["params"]) == len(g["params"]) for s, g in zip(saved_groups, param_groups)
-    ):
-        return 0
-    missing_hessian = 0
-    for gi, (saved, group) in enumerate(zip(saved_groups, param_groups)):
-        for pi, (key, p) in enumerate(zip(saved["params"], group["params"])):
-            state = state_dict["state"].get(key)
-            if state is None:
-                continue
-            for name in ("exp_avg", "hessian"):
-                if name in state:
-                    where = f"param_groups[{gi}]['params'][{pi}]"
-                    _check_loaded(where, name, state[name], p)
-            missing_hessian += "exp_avg" in state and "hessian" not in state
-    return missing_hessian
-
-
-# One entry (`exp_avg` or `hessian`) against its parameter. Under FSDP both may be
-# `DTensor`s: `shape` is the whole parameter's, and the values are this process's
-# shard. An infinite `hessian` is allowed: the optimizer reaches one itself.
-def _check_loaded(where: str, name: str, value: Any, p: Tensor) -> None:
-    prefix = f"loaded state of {where}: '{name}'"
-    if not isinstance(value, Tensor):
-        raise ValueError(f"{prefix} must be a tensor, got {type(value).__name__}")
-    if not (value.is_floating_point() or value.is_complex()):
-        raise ValueError(f"{prefix} has dtype {value.dtype}, not a floating-point type")
-    if value.shape != p.shape:
-        raise ValueError(
-            f"{prefix} has shape {tuple(value.shape)} but the parameter has shape "
-            f"{tuple(p.shape)} (a checkpoint of another model, "
-            "or parameters in another order?)"
-        )
-    local = _local(value)
-    if name == "hessian":
-        if bool(torch.isnan(local).any()):
-            raise ValueError(f"{prefix} holds NaN")
-    elif not bool(torch.isfinite(local).all()):
-        raise ValueError(f"{prefix} holds non-finite values (NaN or inf)")
 
 
 # ## Non-finite values

@@ -34,7 +34,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .reference import _as_real, _is_zero_in
+from .reference import _as_real, _in_range, _is_zero_in
 
 
 # ## Grouping by device and dtype
@@ -121,10 +121,12 @@ def sophiag_foreach(
         torch._foreach_mul_(exp_avgs_w, beta1)
         torch._foreach_add_(exp_avgs_w, grads_w, alpha=1 - beta1)
 
-        # Reference: `denom = (hessian_w * (rho * bs)).clamp_(min=eps)`,
-        # $d_t = \max(\rho B h_t, \epsilon)$.
-        denoms = torch._foreach_mul(hessians_w, rho * bs)
-        torch._foreach_clamp_min_(denoms, eps)
+        # Reference: `denom = (hessian_w * rho_bs).clamp_(min=...)`, with `rho_bs` and
+        # `eps` kept in the working precision's range: $d_t = \max(\rho B h_t,
+        # \epsilon)$.
+        working = hessians_w[0].dtype
+        denoms = torch._foreach_mul(hessians_w, _in_range(rho * bs, working))
+        torch._foreach_clamp_min_(denoms, _in_range(eps, working))
 
         # Reference: `update = (exp_avg_w / denom).clamp_(min=-1, max=1)`,
         # $u_t = \operatorname{clip}(m_t / d_t, 1)$. The denominators are dropped as soon

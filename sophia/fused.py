@@ -360,7 +360,8 @@ def sophiag_fused(
 
     # Reference: the step's statements (Algorithm 3, lines 6, 11 and 12), for every
     # element of the group, in one kernel call; `rho * bs` is the reference's Python
-    # product, and `maximize` is negated as the gradient is read.
+    # product (kept in the working range by the kernel, as by the reference), and
+    # `maximize` is negated as the gradient is read.
     hyper = (beta1, rho * bs, weight_decay, eps, maximize)
     for group, device, lr_value, lr_tensor, scale, inf in calls:
         stream, on_device = _stream_and_device(device)

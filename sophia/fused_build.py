@@ -15,6 +15,8 @@ toolchain checks and the caching are explained on
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import platform
 import re
@@ -23,6 +25,9 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -161,6 +166,67 @@ def _build_arguments(device_type: str, testing: bool) -> dict:
     return dict(name=name, **kwargs)
 
 
+# ## A build killed halfway
+#
+# `cpp_extension.load` guards a build directory with a file named `lock`, which it
+# creates and deletes; a process killed while it builds leaves the file behind, and
+# every later load waits for it forever, with no output. So our builds first take an
+# operating-system lock (`fcntl.flock`) on `sophia.lock` in the same directory, which
+# the kernel releases when its holder dies, even by `SIGKILL`. Whoever holds it is the
+# only build of ours there: a `lock` file it finds has no live owner and is removed,
+# with a warning; waiting for a live build says so. Without `flock` (Windows), a `lock`
+# older than `STALE_AFTER` seconds is stale: a build of this kernel takes a minute on
+# the CPU and a few with `nvcc`, so half an hour is far beyond any live one.
+STALE_AFTER = 30 * 60
+
+
+@contextlib.contextmanager
+def _exclusive_build(directory: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:
+        _remove_stale(directory / "lock", time.time() - STALE_AFTER)
+        yield
+        return
+    with open(directory / "sophia.lock", "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(
+                f"waiting for another process that builds the fused kernel in "
+                f"{directory} (it holds {directory / 'sophia.lock'})",
+                stacklevel=4,
+            )
+            fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            _remove_stale(directory / "lock", math.inf)
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
+# Removes `lock` if it was last changed before `before` (a time in seconds); a younger
+# one is announced, since `cpp_extension.load` is about to wait for it.
+def _remove_stale(lock: Path, before: float) -> None:
+    try:
+        changed = lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if changed < before:
+        lock.unlink(missing_ok=True)
+        warnings.warn(
+            f"removed the stale build lock {lock}, left by a build of the fused "
+            "kernel that was killed",
+            stacklevel=4,
+        )
+    else:
+        warnings.warn(
+            f"waiting for the build lock {lock}; if no build of the fused kernel is "
+            "running, delete that file",
+            stacklevel=4,
+        )
+
+
 # The checks first, so a machine without a compiler gets the list of what to install;
 # a compiler's failure keeps the end of its log, where its error summary is.
 def _build(device_type: str, testing: bool = False) -> ModuleType:
@@ -172,10 +238,11 @@ def _build(device_type: str, testing: bool = False) -> ModuleType:
         )
     from torch.utils import cpp_extension
 
+    arguments = _build_arguments(device_type, testing)
+    directory = Path(cpp_extension._get_build_directory(arguments["name"], False))
     try:
-        return cpp_extension.load(
-            verbose=False, **_build_arguments(device_type, testing)
-        )
+        with _exclusive_build(directory):
+            return cpp_extension.load(verbose=False, **arguments)
     except Exception as error:
         log = str(error)
         directory = cpp_extension._get_build_directory("", False)

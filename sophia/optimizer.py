@@ -54,9 +54,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-# The checks and the choice of implementation. `NONFINITE_RULES`, `_default_foreach`
-# and `_implementation` lived here before `sophia.checks` existed: the `as` form keeps
-# offering them from here.
+# The checks and the choice of implementation (`NONFINITE_RULES`, `_default_foreach`
+# and `_implementation` lived here before: the `as` form keeps offering them).
 from .checks import NONFINITE_RULES as NONFINITE_RULES
 from .checks import (
     _add_count,
@@ -66,12 +65,14 @@ from .checks import (
     _check_groups,
     _check_hutchinson_settings,
     _check_nonfinite_rule,
-    _check_state_dict,
+    _check_step_range,
+    _hyper,
     _local,
     _match_estimates,
     _named_estimates,
     _named_grads,
     _nonfinite_error,
+    _number,
     _params_with_grad,
     _plan,
     _sum_across_shards,
@@ -84,6 +85,7 @@ from .checks import _implementation as _implementation
 # user who never asks for the kernel never loads the code that builds it.
 from .foreach import hessian_ema_foreach, sophiag_foreach
 from .hessian import hutchinson
+from .loading import _adopt_foreign, _check_state_dict
 from .reference import (
     hessian_ema_reference,
     sophiag_reference,
@@ -214,12 +216,10 @@ class SophiaG(Optimizer):
         self.__dict__.setdefault("nonfinite", "raise")
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("skipped_refreshes", 0)
+        flags = dict(maximize=False, capturable=False, foreach=None, fused=None)
         for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("capturable", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-            group.setdefault("eps", 1e-15)
+            for key, value in {**flags, "eps": 1e-15}.items():
+                group.setdefault(key, value)
         # Every implementation counts the step in place, so it must be a tensor (on the
         # CPU: the count does not enter the update).
         for s in self.state.values():
@@ -228,15 +228,18 @@ class SophiaG(Optimizer):
 
     # ## Loading a checkpoint
     #
-    # PyTorch's `load_state_dict` takes the state as it comes; a `hessian` of another
-    # shape, or holding a NaN, would reach the parameters at the next step. So the state
-    # is checked against the parameters first and refused before anything is loaded.
-    # A state with `exp_avg` and no `hessian` (AdamW's) loads, with a warning.
+    # Every entry is checked against the parameters before anything is loaded (see
+    # [`sophia.loading`](loading.html)). Another optimizer's state (AdamW's) loads with
+    # this optimizer's settings, and so does a state with `exp_avg` and no `hessian`,
+    # each with a warning.
     def load_state_dict(self, state_dict: dict) -> None:
-        r"""Load a state written by `state_dict()` (or by the authors' `SophiaG`), after
-        checking it fits."""
+        r"""Load a state written by `state_dict()` (or by the authors' `SophiaG`, or by
+        AdamW), after checking it fits."""
         missing_hessian = _check_state_dict(state_dict, self.param_groups)
-        if missing_hessian:
+        state_dict, note = _adopt_foreign(state_dict, self.param_groups)
+        if note is not None:
+            warnings.warn(note, stacklevel=2)
+        elif missing_hessian:
             warnings.warn(
                 f"the loaded state of {missing_hessian} parameter(s) has no 'hessian' "
                 "(a checkpoint of another optimizer?): h starts at zero, and their "
@@ -316,6 +319,7 @@ class SophiaG(Optimizer):
         r"""Take one Sophia step; `bs` is $B$, the number of predictions behind the
         Hessian estimate."""
         _check_bs(bs)
+        bs = _number(bs)
         _check_groups(self.param_groups)
         # The closure back-propagates, with gradients on; the step uses its gradients.
         loss = None
@@ -323,6 +327,7 @@ class SophiaG(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = _plan(_params_with_grad(self.param_groups))
+        _check_step_range(plan, self.param_groups)
         # A scaler that hands over its flags has already looked for non-finite values.
         scaled = any(flag is not None for flag in self._scaler_flags())
         if not scaled and self._skip_nonfinite(plan, refresh=False):
@@ -338,10 +343,10 @@ class SophiaG(Optimizer):
         return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
     # One group's update. A fused group hands the scale and the overflow flag to the
-    # kernel; any other group reads the flag (a wait for the device, the price of a
-    # mixed configuration) and skips, or unscales the gradients out of place so that
-    # `p.grad` keeps the scaled values, as the kernel leaves them. Then state (zeros at
-    # a first step) and the chosen function, with $\beta_1$ only.
+    # kernel (reading the flag only where a skipped step would create state); any other
+    # group reads the flag (a wait for the device) and skips, or unscales the gradients
+    # out of place so that `p.grad` keeps the scaled values, as the kernel leaves them.
+    # Then state (zeros at a first step) and the chosen function.
     def _step_group(
         self, group: dict, params: list, grads: list, implementation: str, bs: float
     ) -> None:
@@ -349,6 +354,9 @@ class SophiaG(Optimizer):
         extra = {}
         if implementation == "fused":
             extra = dict(grad_scale=grad_scale, found_inf=found_inf)
+            new = any("exp_avg" not in self.state.get(p, {}) for p in params)
+            if new and found_inf is not None and bool(found_inf.item()):
+                return
         elif found_inf is not None or grad_scale is not None:
             if found_inf is not None and bool(found_inf.item()):
                 return
@@ -361,12 +369,8 @@ class SophiaG(Optimizer):
             [s["exp_avg"] for s in states],
             [s["hessian"] for s in states],
             [s["step"] for s in states],
-            lr=group["lr"],
-            beta1=group["betas"][0],
-            rho=group["rho"],
+            **_hyper(group),
             bs=bs,
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
             maximize=group["maximize"],
             **extra,
         )
@@ -433,7 +437,7 @@ class SophiaG(Optimizer):
         for group, params, ests, implementation in plan:
             hessians = [self._state_for(p, group)["hessian"] for p in params]
             _hessian_function(implementation)(
-                hessians, ests, beta2=group["betas"][1], square=square
+                hessians, ests, beta2=_number(group["betas"][1]), square=square
             )
 
     # ## Diagnostics: the clip win rate
@@ -454,6 +458,7 @@ class SophiaG(Optimizer):
         if bs is None:
             raise RuntimeError("win_rate() needs B: call step() first, or pass bs=")
         _check_bs(bs)
+        bs = _number(bs)
         counts: dict[tuple, list] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -463,9 +468,9 @@ class SophiaG(Optimizer):
                 unclipped, total = unclipped_count_reference(
                     [_local(s["exp_avg"])],
                     [_local(s["hessian"])],
-                    rho=group["rho"],
+                    rho=_number(group["rho"]),
                     bs=bs,
-                    eps=group["eps"],
+                    eps=_number(group["eps"]),
                 )
                 _add_count(counts, s["exp_avg"], unclipped, total)
         unclipped, total = _sum_across_shards(counts)
@@ -571,6 +576,11 @@ class SophiaH(SophiaG):
             for _ in group["params"]
         ]
         trainable = [p for p in params if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "SophiaH has no parameter that requires a gradient (every parameter "
+                "of its groups has requires_grad=False): nothing to estimate"
+            )
         # The double backward needs gradient mode, even under the caller's `no_grad`.
         with torch.enable_grad():
             found = iter(

@@ -84,6 +84,26 @@ def _as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+# ## Numbers the working precision can hold
+#
+# $\rho B$ and $\epsilon$ are Python numbers, rounded to the working precision when
+# they meet a tensor. A product $\rho B$ beyond the dtype's largest value would round
+# to $\infty$, and where $h = 0$ (every coordinate before the first refresh) $0 \cdot
+# \infty$ is a NaN; one that rounds to zero meets an infinite $h$ the same way, and an
+# $\epsilon$ that rounds to zero gives $0 / 0$. So each is kept within the dtype's
+# positive finite range: the largest value for one above it, the smallest normal one
+# for one that would round to zero. Any other number is left exactly as it is, so this
+# changes nothing for ordinary values. (A coordinate with $h > 0$ gets a zero step
+# either way: $m$ over a denominator at least $h$ times the largest value.)
+def _in_range(value: float, dtype: torch.dtype) -> float:
+    finfo = torch.finfo(dtype)
+    if value > finfo.max:
+        return finfo.max
+    if _is_zero_in(value, dtype):
+        return finfo.tiny
+    return value
+
+
 # ## The step: lines 6, 11 and 12 of Algorithm 3
 #
 # The lists hold, at the same index, one parameter tensor and its gradient, momentum,
@@ -146,13 +166,15 @@ def sophiag_reference(
 
         # The preconditioner, with the guard:
         # $$d_t = \max(\rho\, B\, h_t,\ \epsilon).$$
-        # `rho * bs` is a Python number, so this is one multiply per element. The
+        # `rho * bs` is a Python number (kept in the working precision's range, above),
+        # so this is one multiply per element. The
         # $\max$ is what makes Hutchinson's estimates safe: they can be negative (the
         # loss is not convex), and a negative $h$ would flip the sign of the step and
         # send it *uphill*. With the $\max$, $h \le 0$ gives $d = \epsilon$, the ratio
         # below is huge, and the clip turns the step into a plain sign-of-momentum
         # step of size $\eta$: safe, if not clever.
-        denom = (hessian_w * (rho * bs)).clamp_(min=eps)
+        rho_bs = _in_range(rho * bs, hessian_w.dtype)
+        denom = (hessian_w * rho_bs).clamp_(min=_in_range(eps, hessian_w.dtype))
 
         # The clipped Newton step, per coordinate:
         # $$u_t = \operatorname{clip}\!\left(\frac{m_t}{d_t},\ 1\right) \in [-1, 1],
@@ -277,7 +299,8 @@ def unclipped_count_reference(
     unclipped, total = 0, 0
     for exp_avg, hessian in zip(exp_avgs, hessians):
         m = _opmath(_as_real(exp_avg))
-        denom = (_opmath(_as_real(hessian)) * (rho * bs)).clamp_(min=eps)
+        h = _opmath(_as_real(hessian))
+        denom = (h * _in_range(rho * bs, h.dtype)).clamp_(min=_in_range(eps, h.dtype))
         unclipped += int((m.abs() < denom).sum())
         total += m.numel()
     return unclipped, total

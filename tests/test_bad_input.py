@@ -47,7 +47,11 @@ def trained(request):
         (dict(weight_decay=-0.1), ValueError, r"weight_decay .* got -0.1"),
         (dict(eps=0.0), ValueError, r"eps .* got 0.0"),
         (dict(foreach=True, fused=True), ValueError, r"foreach=True and fused=True"),
-        (dict(lr=torch.tensor(0.1)), TypeError, r"lr is a tensor .* needs fused=True"),
+        (
+            dict(lr=torch.tensor(0.1, device="meta")),
+            TypeError,
+            r"lr is a tensor .* needs fused=True",
+        ),
         (
             dict(lr=torch.tensor([0.1, 0.2]), fused=True),
             ValueError,

@@ -185,8 +185,9 @@ def test_a_state_of_the_wrong_dtype_is_refused():
         SophiaG(tiny_mlp(6, 12, 4).parameters(), **HYPER).load_state_dict(sd)
 
 
-# AdamW's checkpoint has `exp_avg` (the same $m$) and no `hessian`: it loads, with a
-# warning, and until the next refresh every step is a sign step of size lr.
+# AdamW's checkpoint, untouched: its `exp_avg` (the same $m$) and `step` load, with
+# this optimizer's settings and a warning, and until the next refresh every step is a
+# sign step of size lr.
 def test_another_optimizers_state_loads_with_h_zero_and_a_warning():
     model = tiny_mlp(6, 12, 4)
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -194,11 +195,11 @@ def test_another_optimizers_state_loads_with_h_zero_and_a_warning():
     F.cross_entropy(model(x), y).backward()
     adamw.step()
     sd = adamw.state_dict()
-    for group in sd["param_groups"]:
-        group.update(rho=0.05, betas=(0.9, 0.95), weight_decay=0.0, lr=0.01)
-    opt = SophiaG(model.parameters(), **HYPER)
+    opt = SophiaG(model.parameters(), **hyper(lr=0.01, weight_decay=0.0))
     with pytest.warns(
-        UserWarning, match=r"4 parameter\(s\) has no 'hessian'.*h starts at zero"
+        UserWarning,
+        match=r"kept from the checkpoint: 'step' and 'exp_avg' of 4 parameter\(s\).*"
+        r"h starts at zero",
     ):
         opt.load_state_dict(sd)
     before = [p.detach().clone() for p in model.parameters()]
@@ -206,6 +207,17 @@ def test_another_optimizers_state_loads_with_h_zero_and_a_warning():
     for p, q in zip(model.parameters(), before):
         assert torch.allclose((p - q).abs(), torch.full_like(p, 0.01), atol=1e-6)
         assert torch.equal(opt.state[p]["hessian"], torch.zeros_like(p))
+
+
+# A state of ours with `exp_avg` and no `hessian` loads with the same warning.
+def test_a_state_without_hessian_loads_with_h_zero_and_a_warning():
+    model, opt = trained_state()
+    sd = opt.state_dict()
+    for state in sd["state"].values():
+        del state["hessian"]
+    fresh = SophiaG(tiny_mlp(6, 12, 4).parameters(), **HYPER)
+    with pytest.warns(UserWarning, match=r"4 parameter\(s\) has no 'hessian'"):
+        fresh.load_state_dict(sd)
 
 
 # A negative `hessian` (Hutchinson's) is a legitimate state and loads.

@@ -3,6 +3,8 @@ r"""`python -m sophia`, the quick start's main job: it runs, and it would notice
 import subprocess
 import sys
 
+import pytest
+
 import sophia.experiments.demo as demo
 
 
@@ -53,7 +55,26 @@ def test_module_entry_point_and_bad_arguments():
     bad = subprocess.run(
         [sys.executable, "-m", "sophia", "--steps", "0"], capture_output=True, text=True
     )
-    assert bad.returncode == 2 and "--steps must be >= 1, got 0" in bad.stderr
+    assert (
+        bad.returncode == 2 and "--steps must be in 1..1000000000, got 0" in bad.stderr
+    )
+
+
+# A number of steps or a seed that would overflow the batches' 64-bit seeds is a usage
+# error (status 2, one line), not a traceback from inside the first batch.
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", str(10**20)], "--steps must be in 1..1000000000"),
+        (["--seed", str(10**20)], "--seed must be in -2**31..2**31-1"),
+    ],
+)
+def test_a_huge_steps_or_seed_is_a_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err
+    assert "Traceback" not in err
 
 
 def test_a_nan_counts_as_the_worst_disagreement():

@@ -14,10 +14,15 @@ kernel's CPU build when it can be built here):
    holds for any $h$, negative ones (Hutchinson) included.
 3. **Finite in, finite out.** From finite parameters, gradients and estimates, no
    sequence makes the optimizer write a non-finite parameter or momentum.
+4. **A refused step changes nothing.** A learning rate whose step could leave the
+   parameters' dtype is refused (`ValueError`) before any write, alike in every
+   implementation; the parameters and the state are then bit for bit as they were.
 
-The domain: values up to $10^3$ in magnitude (so that $\theta \pm \eta$ cannot overflow in
-`float16`), learning rates up to 1, $\beta_1, \beta_2 \in [0, 0.999]$, $\rho \in [10^{-3},
-10]$, $\lambda \in [0, 1]$, $B \in [1, 10^6]$. Squares of gradients may overflow to
+The domain: values up to $10^3$ in magnitude, learning rates up to 1 and, in a share of
+the examples, up to the largest `float64` (far beyond every dtype's largest value),
+$\beta_1, \beta_2 \in [0, 0.999]$, $\rho \in [10^{-3}, 10]$, $\lambda \in [0, 1]$,
+$B \in [1, 10^6]$ and, in a share of the examples, up to the largest `float64` (so that
+$\rho B$ overflows every working precision). Squares of gradients may overflow to
 infinity in the `float16` state; property 3 covers that case (an infinite $h$ gives a zero
 step). The runs are derandomized, so CI sees the same examples every time;
 `pytest --hypothesis-show-statistics` reports how many each property ran.
@@ -26,7 +31,7 @@ step). The runs are derandomized, so CI sees the same examples every time;
 from __future__ import annotations
 
 import torch
-from conftest import implementations
+from conftest import assert_unchanged, implementations, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,9 +52,13 @@ shapes = st.lists(
     min_size=1,
     max_size=3,
 )
+# Every finite positive `float64` is a valid $B$ and a valid $\eta$; the large ones are
+# drawn as often as the ordinary ones.
+LARGEST = torch.finfo(torch.float64).max
+up_to_the_largest = st.one_of(st.floats(1.0, 1e6), st.floats(1e6, LARGEST))
 hyper = st.fixed_dictionaries(
     dict(
-        lr=st.floats(0.0, 1.0),
+        lr=st.one_of(st.floats(0.0, 1.0), st.floats(1.0, LARGEST)),
         betas=st.tuples(st.floats(0.0, 0.999), st.floats(0.0, 0.999)),
         rho=st.floats(1e-3, 10.0),
         weight_decay=st.floats(0.0, 1.0),
@@ -65,7 +74,7 @@ operations = st.lists(
         st.sampled_from(["step", "refresh", "estimates"]),
         st.integers(0, 2**31 - 1),
         st.integers(-6, 3),
-        st.floats(1.0, 1e6),
+        up_to_the_largest,
     ),
     min_size=1,
     max_size=8,
@@ -97,7 +106,8 @@ def real(t):
 
 
 # Runs the sequence on one optimizer per implementation, from the same parameters, and
-# calls `check(name, before, after, h)` after every step.
+# calls `check(name, before, after, h)` after every step that is taken. A step that is
+# refused must be refused by every implementation and change nothing (property 4).
 def run(shape_list, dtype, h, ops, check=None):
     start = draw(shape_list, dtype, 12345, 0)
     runs = {}
@@ -106,6 +116,7 @@ def run(shape_list, dtype, h, ops, check=None):
         runs[name] = (params, SophiaG(params, **h, **flags))
     for kind, seed, scale, bs in ops:
         values = draw(shape_list, dtype, seed, scale)
+        outcomes = {}
         for name, (params, opt) in runs.items():
             if kind == "estimates":
                 opt.update_hessian([v.clone() for v in values])
@@ -114,12 +125,26 @@ def run(shape_list, dtype, h, ops, check=None):
                 p.grad = v.clone()
             if kind == "refresh":
                 opt.update_hessian()
-            else:
-                before = [p.detach().clone() for p in params]
-                opt.step(bs=bs)
-                if check is not None:
-                    check(name, before, [p.detach() for p in params], h)
+                continue
+            before = [p.detach().clone() for p in params]
+            outcomes[name] = step_or_refuse(params, opt, bs)
+            if check is not None and outcomes[name] == "taken":
+                check(name, before, [p.detach() for p in params], h)
+        assert len(set(outcomes.values())) <= 1, outcomes
     return runs
+
+
+# Takes the step and returns "taken", or checks that a refusal changed nothing and
+# returns "refused".
+def step_or_refuse(params, opt, bs):
+    state = snapshot(params, opt)
+    try:
+        opt.step(bs=bs)
+    except ValueError as error:
+        assert "nothing changed" in str(error), str(error)
+        assert_unchanged(state, params, opt)
+        return "refused"
+    return "taken"
 
 
 @SETTINGS

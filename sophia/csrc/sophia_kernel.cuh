@@ -41,6 +41,7 @@ report.
 */
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 
 #include "sophia_launcher.h"
@@ -130,6 +131,32 @@ __device__ __forceinline__ double fma_rn(double a, double b, double c) { return 
 using StepArgs = SophiaStepArgs;
 using EmaArgs = SophiaEmaArgs;
 
+// Reference: `_in_range(rho * bs, ...)` and `_in_range(eps, ...)`: a number above the
+// working type's largest value becomes that value, one that would round to zero its
+// smallest normal value, so that neither $0 \cdot \infty$ nor $0 / 0$ can make a NaN;
+// any other number converts as it would have.
+template <typename opmath_t>
+struct Range;
+template <>
+struct Range<float> {
+    static constexpr double largest = FLT_MAX;
+    static constexpr float tiny = FLT_MIN;
+};
+template <>
+struct Range<double> {
+    static constexpr double largest = DBL_MAX;
+    static constexpr double tiny = DBL_MIN;
+};
+
+template <typename opmath_t>
+__device__ __forceinline__ opmath_t in_range(double x) {
+    if (x > Range<opmath_t>::largest) {
+        return static_cast<opmath_t>(Range<opmath_t>::largest);
+    }
+    const opmath_t rounded = static_cast<opmath_t>(x);
+    return rounded == opmath_t(0) ? Range<opmath_t>::tiny : rounded;
+}
+
 // The same numbers in working precision, computed once per thread (not once per
 // element) at the start of each kernel.
 template <typename opmath_t>
@@ -151,8 +178,8 @@ __device__ __forceinline__ StepCoefficients<opmath_t> make_step_coefficients(con
     c.decay = static_cast<opmath_t>(__dsub_rn(1.0, __dmul_rn(lr, args.weight_decay)));
     c.beta1 = static_cast<opmath_t>(args.beta1);
     c.one_minus_beta1 = static_cast<opmath_t>(__dsub_rn(1.0, args.beta1));
-    c.rho_bs = static_cast<opmath_t>(args.rho_bs);
-    c.eps = static_cast<opmath_t>(args.eps);
+    c.rho_bs = in_range<opmath_t>(args.rho_bs);
+    c.eps = in_range<opmath_t>(args.eps);
     c.neg_lr = static_cast<opmath_t>(-lr);
     c.grad_scale = args.grad_scale != nullptr ? static_cast<opmath_t>(*args.grad_scale) : opmath_t(1);
     c.maximize = args.maximize != 0;
@@ -214,8 +241,10 @@ __device__ __forceinline__ void sophia_step_element(
     exp_avg = mul_rn(exp_avg, c.beta1);
     exp_avg = fma_rn(grad, c.one_minus_beta1, exp_avg);
 
-    // Reference: `denom = (hessian_w * (rho * bs)).clamp_(min=eps)`,
-    // $d_t = \max(\rho B h_t, \epsilon)$, the denominator of Algorithm 3, line 12.
+    // Reference: `denom = (hessian_w * rho_bs).clamp_(min=_in_range(eps, hessian_w.dtype))`,
+    // $d_t = \max(\rho B h_t, \epsilon)$, the denominator of Algorithm 3, line 12, with
+    // $\rho B$ and $\epsilon$ already brought into the working dtype's range (`c.rho_bs`,
+    // `c.eps`).
     // The comparison is written so that a NaN passes through, as in `torch.clamp`:
     // `NaN < eps` is false, so a NaN stays a NaN. (`fmaxf` would return `eps` and
     // quietly hide a NaN in the Hessian.)

@@ -70,6 +70,7 @@ import gc
 import json
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -317,11 +318,26 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
             f"{args.params} parameters (--params)"
         )
     device = _parse_device(parser, args.device)
-    if args.json is not None and not args.json.parent.is_dir():
-        parser.error(
-            f"argument --json: the folder {str(args.json.parent)!r} does not exist"
-        )
+    if args.json is not None:
+        _check_json_path(parser, args.json)
     return args, device
+
+
+# The JSON's folder exists and takes a file, and the path is not a folder: found now,
+# not after a run of minutes.
+def _check_json_path(parser: argparse.ArgumentParser, path: Path) -> None:
+    if not path.parent.is_dir():
+        parser.error(f"argument --json: the folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        parser.error(f"argument --json: {str(path)!r} is a folder")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        parser.error(
+            f"argument --json: cannot write into {str(path.parent)!r}: "
+            f"{error.strerror or error}"
+        )
 
 
 # The device in three steps: a string `torch.device` parses; CUDA present if asked for;
@@ -475,7 +491,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = _results(args, device, counted, samples, copy_bandwidth, missing)
     _print_report(results)
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        except OSError as error:
+            print(f"error: cannot write {args.json}: {error.strerror}", file=sys.stderr)
+            raise SystemExit(1) from None
         print(f"\nwrote {args.json}")
     # Flushed before returning: a piped stdout is buffered, and a caller that writes to
     # stderr next would otherwise interleave the two.

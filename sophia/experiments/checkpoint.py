@@ -17,7 +17,9 @@ on into `out/<name>-seed<seed>.ckpt.pt`:
   batches, the sampled labels $\hat y$ (or Hutchinson's probes), and PyTorch's global
   generator (dropout); without the labels' stream a resumed run would estimate
   another $h$;
-* the record so far (`RunResult`), so that the curves of a resumed run are whole.
+* the record so far (`RunResult`), so that the curves of a resumed run are whole;
+* a SHA-256 checksum of all of the above, checked when resuming, so that a checkpoint
+  whose bytes were damaged but still decode is refused instead of resuming another run.
 
 With `--resume`, a run whose checkpoint exists continues *exactly* as the
 uninterrupted run would have (bit for bit, on the same machine with the same number
@@ -28,8 +30,10 @@ pass `--resume`. Why the write is atomic and what a kill leaves behind is on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,10 +62,35 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(data))
 
 
+# ## The checksum
+#
+# Over every value of the payload, in order: each tensor's dtype, shape and bytes, and
+# the `repr` of everything else, with the keys that lead to it. A few garbled bytes
+# that still decode to finite numbers change it.
+def _digest(value: Any, sha: Any = None) -> str:
+    sha = hashlib.sha256() if sha is None else sha
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        sha.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            sha.update(f"key {key!r}".encode())
+            _digest(item, sha)
+    elif isinstance(value, (list, tuple)):
+        sha.update(f"{type(value).__name__} {len(value)}".encode())
+        for item in value:
+            _digest(item, sha)
+    else:
+        sha.update(f"value {value!r}".encode())
+    return sha.hexdigest()
+
+
 # ## Writing one, atomically
 #
 # To a temporary file in the same folder, `fsync`ed, then renamed over the old one
-# (`os.replace` is atomic), so that a kill at any moment leaves a whole checkpoint.
+# (`os.replace` is atomic), so that a kill at any moment leaves a whole checkpoint. A
+# failed write (a full disk) removes the temporary file and keeps the old checkpoint.
 def save_checkpoint(
     path: Path,
     *,
@@ -75,7 +104,7 @@ def save_checkpoint(
     r"""Write the checkpoint of a run after `step` steps to `path`, atomically."""
     device = next(model.parameters()).device
     payload = dict(
-        format=1,
+        format=2,
         step=step,
         config=_comparable(config),
         model=model.state_dict(),
@@ -85,6 +114,7 @@ def save_checkpoint(
         cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         result=result.to_dict(),
     )
+    payload["checksum"] = _digest(payload)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -92,6 +122,11 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(
+            f"cannot write the checkpoint {str(path)!r}: "
+            f"{error.strerror or error}; the previous checkpoint is kept"
+        ) from error
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -108,17 +143,70 @@ def save_checkpoint(
 #
 # `weights_only=True`: a checkpoint holds tensors, numbers, strings and containers of
 # them, and unpickling anything else could run arbitrary code. Onto the CPU first:
-# `load_state_dict` moves each tensor to its parameter's device.
+# `load_state_dict` moves each tensor to its parameter's device. A file that does not
+# read, or reads as something else, is "not a checkpoint written by sophia.train", with
+# the reason; PyTorch's own advice to load with `weights_only=False` is never passed on.
+_FIELDS = dict(
+    step=int,
+    config=dict,
+    model=dict,
+    optimizer=dict,
+    generators=dict,
+    torch_rng=torch.Tensor,
+    result=dict,
+    checksum=str,
+)
+
+
+def _not_ours(path: Path, reason: str) -> ValueError:
+    return ValueError(
+        f"not a checkpoint written by sophia.train: {str(path)!r} ({reason})"
+    )
+
+
+def _read(path: Path) -> Any:
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ValueError(
+            f"cannot read the checkpoint {str(path)!r}: {error.strerror or error}"
+        ) from None
+    if size == 0:
+        raise _not_ours(path, "the file is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise _not_ours(
+                path, "the file is truncated, corrupt, or not a PyTorch file"
+            ) from None
+        raise _not_ours(
+            path, "it holds Python objects other than tensors, numbers and strings"
+        ) from None
+    except Exception:
+        raise _not_ours(
+            path, "the file is truncated, corrupt, or not a PyTorch file"
+        ) from None
+
+
 def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     r"""Read the checkpoint at `path` and check that it belongs to a run of `config`."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    saved = _read(path)
+    if not isinstance(saved, dict) or saved.get("format") != 2:
+        if isinstance(saved, dict) and saved.get("format") == 1:
+            raise _not_ours(
+                path, "format 1, written before checksums: start the run again"
+            )
+        raise _not_ours(path, "no format 2 in it")
+    for field, kind in _FIELDS.items():
+        if not isinstance(saved.get(field), kind) or isinstance(saved[field], bool):
+            raise _not_ours(path, f"its {field!r} is missing or not a {kind.__name__}")
+    checksum = saved.pop("checksum")
+    if _digest(saved) != checksum:
         raise ValueError(
-            f"cannot read the checkpoint {str(path)!r}: {error}"
-        ) from error
-    if not isinstance(saved, dict) or saved.get("format") != 1:
-        raise ValueError(f"{str(path)!r} is not a checkpoint written by sophia.train")
+            f"the checkpoint {str(path)!r} is damaged: its contents do not match the "
+            "checksum written with them; it was not loaded"
+        )
     # Every field that differs is named in the error.
     now = _comparable(config)
     differ = sorted(
@@ -156,11 +244,19 @@ def restore_checkpoint(
     r"""Load the checkpoint into `model`, `optimizer` and `generators`; return it."""
     device = next(model.parameters()).device
     saved = load_checkpoint(path, config)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    for stream, gen in generators.items():
-        gen.set_state(saved["generators"][stream])
-    torch.set_rng_state(saved["torch_rng"])
-    if device.type == "cuda" and saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    # A checkpoint that passed its checksum but was written by hand (another model, a
+    # bad random state) is refused with the reason, in one line.
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        for stream, gen in generators.items():
+            gen.set_state(saved["generators"][stream])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(
+            f"the checkpoint {str(path)!r} does not fit this run: {reason[:300]}"
+        ) from None
     return saved

@@ -11,8 +11,9 @@ summary: python -m sophia.train (one run) and python -m sophia.train compare (se
 with a non-zero exit status and one line on stderr, never a traceback: an unknown
 name or a malformed number is argparse's (usage, then the error line); a model that
 cannot be built, a context longer than the model's, a corpus too small for one
-sequence, an output folder that cannot be written are status 2; a download that
-fails or a kernel that does not build, found later, are status 1.
+sequence, an output folder that is empty or cannot be written are status 2; a download
+that fails, a kernel that does not build, a checkpoint that cannot be read or written,
+found later, are status 1.
 """
 
 from __future__ import annotations
@@ -440,11 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     # Errors found during the work print their first line (a compiler's log can be
-    # long); a `FloatingPointError` is the optimizer refusing a non-finite gradient.
+    # long); a `FloatingPointError` is the optimizer refusing a non-finite gradient, an
+    # `OSError` a checkpoint that could not be written (the previous one is kept).
     try:
         _run(args, base, overrides, corpus, out, comparing)
     except (
         ValueError,
+        OSError,
         FloatingPointError,
         DataUnavailableError,
         MissingDependencyError,

@@ -126,6 +126,11 @@ class TrainConfig:
         _check_int("checkpoint_every", self.checkpoint_every, low=0)
         if not isinstance(self.resume, bool):
             raise ValueError(f"resume must be a bool, got {self.resume!r}")
+        if self.out is not None and not str(self.out).strip():
+            raise ValueError(
+                f"out must name a folder, got {str(self.out)!r} "
+                "(None writes nothing; '.' is the current folder)"
+            )
         if (self.checkpoint_every or self.resume) and self.out is None:
             raise ValueError(
                 "checkpoint_every and resume need an output folder: set out"
@@ -276,6 +281,12 @@ def parse_device(device: Any) -> torch.device:
 # permission bits do not tell the whole story (a read-only mount, an ACL, a full disk).
 def check_out_dir(out: str | os.PathLike) -> Path:
     r"""Create `out` (and its parents) if needed; `ValueError` if it is not writable."""
+    # `Path("")` is the current folder: an empty `--out` is a mistake, not a choice.
+    if not str(out).strip():
+        raise ValueError(
+            f"output directory must not be empty, got {str(out)!r} "
+            "(use --out . for the current folder)"
+        )
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"output directory {str(out)!r} exists and is not a directory")

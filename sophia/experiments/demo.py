@@ -236,6 +236,9 @@ def _fused_unavailable() -> str | None:
 #
 # Two options, the number of steps and the seed, so that a run is identified by these
 # two numbers; everything else is the `Problem`'s defaults.
+MAX_STEPS = 10**9
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sophia",
@@ -248,9 +251,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--seed", type=int, default=Problem.seed, help="seed of data, init and samples"
     )
     args = parser.parse_args(argv)
-    # With no step there would be nothing to compare: a usage error, status 2.
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    # With no step there would be nothing to compare, and the batches' seeds
+    # (`seed * 1_000_003 + step`) must fit in 64 bits: usage errors, status 2.
+    if not 1 <= args.steps <= MAX_STEPS:
+        parser.error(f"--steps must be in 1..{MAX_STEPS}, got {args.steps}")
+    if not -(2**31) <= args.seed < 2**31:
+        parser.error(f"--seed must be in -2**31..2**31-1, got {args.seed}")
     return args
 
 
