@@ -18,6 +18,8 @@ that *use* it, and nothing in the library imports it.
 * [`benchmark`](benchmark.html): one optimizer step timed against AdamW,
   `python -m sophia.benchmark`, and [`measure`](measure.html): the parameter set it
   times, its clock and the memory bandwidth it compares with.
+* [`gpucheck`](gpucheck.html): one command that verifies the CUDA path on a first GPU,
+  `python -m sophia.gpucheck`, and [`cuda_checks`](cuda_checks.html): its checks.
 * [`demo`](demo.html): the one-minute tour, `python -m sophia`.
 
 labml and matplotlib are needed here only (`pip install "literate-sophia[train]"`).
