@@ -13,6 +13,8 @@ The Sophia optimizer of [Liu et al.](https://arxiv.org/abs/2305.14342), written 
 * [`sophia.foreach`](foreach.html): the same step with `torch._foreach_*` ops.
 * [`sophia.checks`](checks.html): what the optimizer checks and chooses before it writes
   anything (hyperparameters, non-finite values, FSDP shards).
+* [`sophia.nonfinite`](nonfinite.html): the one-read search for NaN and infinity in
+  gradients and estimates, and the steps skipped on the device.
 * [`sophia.loading`](loading.html): the checks of a loaded state, and another
   optimizer's (AdamW's) state adopted.
 * [`sophia.hessian`](hessian.html): the estimators of the Hessian diagonal

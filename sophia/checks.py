@@ -14,7 +14,8 @@ so that the optimizer's module reads as the class a user imports:
   `update_hessian` (a loaded state has [its own module](loading.html));
 * the **choice of an implementation** per group (reference, foreach or the fused
   kernel), with the kernel's own checks;
-* the search for **non-finite values** in gradients and estimates (`nonfinite=`);
+* the **rule for non-finite values** (`nonfinite=`; the search itself is in
+  [`sophia.nonfinite`](nonfinite.html));
 * the **agreement of the shards** under FSDP, where each process holds part of a tensor.
 
 Every error names the argument and the value it got, so the traceback alone says what
@@ -272,11 +273,10 @@ def _default_foreach(params: list[Tensor]) -> bool:
     )
 
 
-# Per group and per call, from the tensors at hand (gradients or estimates):
-# `fused=True` and `foreach=True`/`False` are obeyed, never quietly downgraded; with
-# neither set, CUDA parameters get the kernel if it builds here and takes every tensor
-# (unlike AdamW, which never picks its kernel unasked), the others foreach or the
-# reference as above. The rules and their reasons are in
+# Per group: `fused=True` and `foreach=True`/`False` are obeyed, never quietly
+# downgraded; with neither set, foreach or the reference as above, as in
+# `torch.optim.AdamW`: the kernel is opt-in (`fused=True`) until it is proven on every
+# device. The rules and their reasons are in
 # [the docs](../engineering/optimizer.md#choosing-an-implementation).
 def _implementation(
     group: dict, params: list[Tensor], tensors: Sequence[Tensor] = ()
@@ -285,28 +285,20 @@ def _implementation(
         return "fused"
     if group["foreach"] is not None:
         return "foreach" if group["foreach"] else "reference"
-    if not _default_foreach(params):
-        return "reference"
-    if group["fused"] is None and all(p.device.type == "cuda" for p in params):
-        from . import fused
-
-        if fused.fused_available("cuda") and fused.fused_supports([*params, *tensors]):
-            return "fused"
-    return "foreach"
+    return "foreach" if _default_foreach(params) else "reference"
 
 
 # Every group with work to do gets its implementation and, if it asked for the kernel,
 # the kernel's checks and build, before any group is stepped: a refusal in the second
-# group after the first was updated would be half a step. (With `fused=None`,
-# `_implementation` has already checked what the kernel takes.) The fused module is
-# imported only here, so a user who never asks for the kernel never loads it.
+# group after the first was updated would be half a step. The fused module is imported
+# only here, so a user who never asks for the kernel never loads it.
 def _plan(groups: list[tuple[dict, list[Tensor], list[Tensor]]]) -> list[tuple]:
     plan = []
     for group, params, tensors in groups:
         if not params:
             continue
         implementation = _implementation(group, params, tensors)
-        if implementation == "fused" and group["fused"]:
+        if implementation == "fused":
             from .fused import check_fused_tensors, load_extension
 
             check_fused_tensors({"params": params, "grads or estimates": tensors})
@@ -416,87 +408,6 @@ def _check_estimate(index: int, est: Any, p: Tensor) -> None:
         raise TypeError(
             f"{where} has dtype {est.dtype} but its parameter has dtype {p.dtype}"
         )
-
-
-# ## Non-finite values
-#
-# `True` if every element of every tensor is finite. The test is a sum per tensor (a
-# NaN or an infinity anywhere makes it non-finite), the cheapest pass over memory;
-# half precision is summed in `float32`. A sum that is not finite may be an overflow of
-# finite values, so only then are the elements looked at. The sums of one device and
-# dtype are stacked and read at once: one wait for the device.
-def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    if not tensors:
-        return True
-    local = [_local(t) for t in tensors]
-    groups: dict[tuple, list[Tensor]] = {}
-    for t in local:
-        s = (
-            t.sum(dtype=torch.float32)
-            if t.dtype in (torch.float16, torch.bfloat16)
-            else t.sum()
-        )
-        groups.setdefault((s.device, s.dtype), []).append(s)
-    flags = [(~torch.stack(sums).isfinite()).any().cpu() for sums in groups.values()]
-    found = torch.stack(flags).any().float()
-    if bool(found):
-        found = torch.tensor(
-            float(not all(bool(torch.isfinite(t).all()) for t in local))
-        )
-    found = _agree_across_shards(found, tensors)
-    return not bool(found)
-
-
-# The slow path, taken only once something was found: which parameter, and how many of
-# its values. Under FSDP another process may hold the bad shard, and the message says
-# so.
-def _describe_nonfinite(named: Sequence[tuple[str, Tensor]], what: str) -> str:
-    for name, t in named:
-        local = _local(t)
-        n_bad = int((~torch.isfinite(local)).sum())
-        if n_bad:
-            kinds = []
-            if bool(torch.isnan(local).any()):
-                kinds.append("NaN")
-            if bool(torch.isinf(local).any()):
-                kinds.append("inf")
-            return (
-                f"{name} has a {what} with {n_bad} non-finite value(s) "
-                f"({' and '.join(kinds)}) of {local.numel()} "
-                f"(shape {tuple(t.shape)}, dtype {t.dtype})"
-            )
-    return f"a {what} on another process holds non-finite values"
-
-
-# The refusal under `nonfinite="raise"`: what was refused (`call`), the first bad
-# tensor of `named`, what did not change, and how to skip such calls instead
-# (`skipped`: "steps" or "refreshes").
-def _nonfinite_error(
-    call: str,
-    named: Sequence[tuple[str, Tensor]],
-    what: str,
-    unchanged: str,
-    skipped: str,
-) -> FloatingPointError:
-    return FloatingPointError(
-        f"{call} refused: {_describe_nonfinite(named, what)}; {unchanged} "
-        "(construct the optimizer with nonfinite='skip' "
-        f"to skip such {skipped} instead)"
-    )
-
-
-# The gradients and the estimates, with their place, for the error message.
-def _named_grads(param_groups: list[dict]) -> list[tuple[str, Tensor]]:
-    return [
-        (f"param_groups[{gi}]['params'][{pi}]", p.grad)
-        for gi, group in enumerate(param_groups)
-        for pi, p in enumerate(group["params"])
-        if p.grad is not None
-    ]
-
-
-def _named_estimates(estimates: list) -> list[tuple[str, Tensor]]:
-    return [(f"estimates[{i}]", e) for i, e in enumerate(estimates) if e is not None]
 
 
 # ## Shards

@@ -99,7 +99,32 @@ def _missing_cuda(cuda_home: str | None) -> list[str]:
             f"an nvcc matching torch's CUDA {cuda}: CUDA_HOME={cuda_home} has nvcc "
             f"{nvcc}; point CUDA_HOME at a CUDA {cuda.split('.')[0]}.x toolkit"
         ]
-    return []
+    return _missing_cuda_runtime(cuda_home)
+
+
+# The link needs `libcudart` and the binding `cuda_runtime.h` under `CUDA_HOME`: a
+# `CUDA_HOME` that only holds a `bin/nvcc` (a link to the toolkit's) passes the nvcc
+# check and then fails at the link, so both are looked for where the build will look.
+def _missing_cuda_runtime(cuda_home: str) -> list[str]:
+    home = Path(cuda_home)
+    missing = []
+    if sys.platform == "win32":
+        libraries = list(home.glob("lib/x64/cudart*.lib"))
+    else:
+        libraries = [*home.glob("lib64/libcudart.so*"), *home.glob("lib/libcudart.so*")]
+    if not libraries:
+        where = "lib\\x64\\cudart.lib" if sys.platform == "win32" else "lib64/ or lib/"
+        missing.append(
+            f"the CUDA runtime library (libcudart) under CUDA_HOME={cuda_home} "
+            f"(looked in {where}); set CUDA_HOME to the toolkit's own directory, the "
+            "one whose lib64/ holds libcudart"
+        )
+    if not (home / "include" / "cuda_runtime.h").exists():
+        missing.append(
+            f"the CUDA runtime headers under CUDA_HOME={cuda_home} (looked for "
+            f"{home / 'include' / 'cuda_runtime.h'})"
+        )
+    return missing
 
 
 # `X.Y` from `nvcc --version`'s "release X.Y"; any failure means "no working nvcc".
@@ -227,6 +252,23 @@ def _remove_stale(lock: Path, before: float) -> None:
         )
 
 
+# The one line a process prints before its first load of a build, on stderr (not a
+# warning, which a filter could hide, nor a log record, which needs a handler): a
+# first step that stalls for minutes says why. A build found in the cache loads in
+# seconds; `ninja` rebuilds only what changed.
+BUILD_TIME = {"cpu": "about a minute", "cuda": "a few minutes with nvcc"}
+
+
+def _announce(device_type: str, directory: Path) -> None:
+    print(
+        f"sophia: compiling the {device_type} build of the fused kernel "
+        f"({BUILD_TIME[device_type]} the first time, seconds once cached in "
+        f"{directory})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 # The checks first, so a machine without a compiler gets the list of what to install;
 # a compiler's failure keeps the end of its log, where its error summary is.
 def _build(device_type: str, testing: bool = False) -> ModuleType:
@@ -240,6 +282,7 @@ def _build(device_type: str, testing: bool = False) -> ModuleType:
 
     arguments = _build_arguments(device_type, testing)
     directory = Path(cpp_extension._get_build_directory(arguments["name"], False))
+    _announce(device_type, directory)
     try:
         with _exclusive_build(directory):
             return cpp_extension.load(verbose=False, **arguments)

@@ -59,7 +59,6 @@ from torch.optim import Optimizer
 from .checks import NONFINITE_RULES as NONFINITE_RULES
 from .checks import (
     _add_count,
-    _all_finite,
     _check_bs,
     _check_group,
     _check_groups,
@@ -69,9 +68,6 @@ from .checks import (
     _hyper,
     _local,
     _match_estimates,
-    _named_estimates,
-    _named_grads,
-    _nonfinite_error,
     _number,
     _params_with_grad,
     _plan,
@@ -86,6 +82,12 @@ from .checks import _implementation as _implementation
 from .foreach import hessian_ema_foreach, sophiag_foreach
 from .hessian import hutchinson
 from .loading import _adopt_foreign, _check_state_dict
+from .nonfinite import (
+    _all_finite,
+    device_flag,
+    settle_device_skips,
+    skip_nonfinite,
+)
 from .reference import (
     hessian_ema_reference,
     sophiag_reference,
@@ -135,9 +137,9 @@ class SophiaG(Optimizer):
         foreach: `True` for the `torch._foreach` version, `False` for the reference,
             `None` to choose as `torch.optim.AdamW` does.
         fused: `True` for the fused kernel (one pass over memory per step; CUDA, or
-            the CPU build of the same kernel on the CPU), `False` never, `None` to use
-            it on CUDA when it can be built and to fall back to foreach quietly
-            otherwise.
+            the CPU build of the same kernel on the CPU; compiled on first use, with
+            a line on stderr), `False` or `None` (the default) never: opt-in, as in
+            `torch.optim.AdamW`.
             With `fused=True`, `lr` may be a one-element tensor (for CUDA graphs), and
             `torch.amp.GradScaler` hands the loss scale to the kernel instead of
             unscaling the gradients itself.
@@ -189,7 +191,7 @@ class SophiaG(Optimizer):
         super().__init__(params, defaults)
         self.nonfinite = nonfinite
         # Counters for the training loop to log, not part of `state_dict()`.
-        self.skipped_steps = 0
+        self._skipped_steps = 0
         self.skipped_refreshes = 0
         # $B$ of the last step, for `win_rate()`.
         self._last_bs: float | None = None
@@ -214,7 +216,9 @@ class SophiaG(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "raise")
-        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault(
+            "_skipped_steps", self.__dict__.pop("skipped_steps", 0)
+        )
         self.__dict__.setdefault("skipped_refreshes", 0)
         flags = dict(maximize=False, capturable=False, foreach=None, fused=None)
         for group in self.param_groups:
@@ -270,40 +274,23 @@ class SophiaG(Optimizer):
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    # Whether the non-finite rule looks at the inputs: not with `"unchecked"`, and not
-    # inside a CUDA graph capture (a read on the host is an error there).
-    def _should_check(self) -> bool:
-        if self.nonfinite == "unchecked":
-            return False
-        return not (
-            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        )
+    # Steps skipped for non-finite gradients; reading it waits for the steps skipped
+    # on the device (see [`sophia.nonfinite`](nonfinite.html)).
+    @property
+    def skipped_steps(self) -> int:
+        settle_device_skips(self)
+        return self._skipped_steps
 
-    # The non-finite rule over the planned tensors of a step or of a refresh
-    # (`refresh`): `False` to go on, `True` to skip (counted), or a `FloatingPointError`
-    # naming the first bad gradient, or entry of `estimates` when given.
-    def _skip_nonfinite(
-        self, plan: list[tuple], *, refresh: bool, estimates: list | None = None
-    ) -> bool:
-        tensors = [t for _, _, group_tensors, _ in plan for t in group_tensors]
-        if not self._should_check() or _all_finite(tensors):
-            return False
-        if self.nonfinite == "skip":
-            if refresh:
-                self.skipped_refreshes += 1
-            else:
-                self.skipped_steps += 1
-            return True
-        if estimates is None:
-            named, what = _named_grads(self.param_groups), "gradient"
-        else:
-            named, what = _named_estimates(estimates), "Hessian estimate"
-        if refresh:
-            call = f"{type(self).__name__}.update_hessian"
-            raise _nonfinite_error(call, named, what, "h was not changed", "refreshes")
-        raise _nonfinite_error(
-            "SophiaG.step", named, what, "nothing was changed", "steps"
-        )
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps = value
+
+    # The state, after the steps skipped on the device are accounted for.
+    def state_dict(self) -> dict:
+        r"""As `torch.optim.Optimizer.state_dict`, after reporting steps skipped on
+        the device."""
+        settle_device_skips(self)
+        return super().state_dict()
 
     # ## The step
     #
@@ -328,12 +315,14 @@ class SophiaG(Optimizer):
                 loss = closure()
         plan = _plan(_params_with_grad(self.param_groups))
         _check_step_range(plan, self.param_groups)
-        # A scaler that hands over its flags has already looked for non-finite values.
+        # A scaler that hands over its flags has already looked for non-finite values;
+        # otherwise the flag stays on the device where the kernel can take it.
         scaled = any(flag is not None for flag in self._scaler_flags())
-        if not scaled and self._skip_nonfinite(plan, refresh=False):
+        flag = None if scaled else device_flag(self, plan)
+        if not scaled and flag is None and skip_nonfinite(self, plan, refresh=False):
             return loss
         for group, params, grads, implementation in plan:
-            self._step_group(group, params, grads, implementation, bs)
+            self._step_group(group, params, grads, implementation, bs, flag)
         self._last_bs = bs
         return loss
 
@@ -348,9 +337,16 @@ class SophiaG(Optimizer):
     # out of place so that `p.grad` keeps the scaled values, as the kernel leaves them.
     # Then state (zeros at a first step) and the chosen function.
     def _step_group(
-        self, group: dict, params: list, grads: list, implementation: str, bs: float
+        self,
+        group: dict,
+        params: list,
+        grads: list,
+        implementation: str,
+        bs: float,
+        nonfinite: Tensor | None = None,
     ) -> None:
         grad_scale, found_inf = self._scaler_flags()
+        found_inf = nonfinite if nonfinite is not None else found_inf
         extra = {}
         if implementation == "fused":
             extra = dict(grad_scale=grad_scale, found_inf=found_inf)
@@ -397,6 +393,7 @@ class SophiaG(Optimizer):
         a refresh whose gradients overflowed is skipped (counted in
         `skipped_refreshes`).
         """
+        settle_device_skips(self)
         _check_groups(self.param_groups)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(
@@ -429,8 +426,8 @@ class SophiaG(Optimizer):
                 self.skipped_refreshes += 1
                 return
         # Otherwise the step's rule: a NaN folded into $h$ would stay there for good.
-        elif self._skip_nonfinite(
-            plan, refresh=True, estimates=None if square else estimates
+        elif skip_nonfinite(
+            self, plan, refresh=True, estimates=None if square else estimates
         ):
             return
         # Each group with its own $\beta_2$ and implementation; a refresh is not a step.
@@ -452,6 +449,7 @@ class SophiaG(Optimizer):
     def win_rate(self, bs: float | None = None) -> float:
         r"""Fraction of coordinates with $|m| < \max(\rho B h, \epsilon)$, i.e. not
         clipped."""
+        settle_device_skips(self)
         # Without an argument, the $B$ of the last step; before any step there is none.
         if bs is None:
             bs = self._last_bs

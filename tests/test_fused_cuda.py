@@ -64,11 +64,11 @@ def test_fused_reference_and_foreach_agree(dtype, rtol):
             )
 
 
-def test_fused_none_picks_the_kernel_on_cuda():
+def test_fused_none_is_foreach_on_cuda():
     from sophia.optimizer import _implementation
 
     p = torch.zeros(4, device="cuda")
-    assert _implementation(dict(fused=None, foreach=None), [p]) == "fused"
+    assert _implementation(dict(fused=None, foreach=None), [p]) == "foreach"
 
 
 def test_cuda_graph_capture_of_the_step():

@@ -1,0 +1,221 @@
+r"""
+---
+title: Non-finite gradients and estimates
+summary: One read of every gradient for NaNs and infinities; the step skipped on the device, or refused before any write.
+---
+
+A NaN in one gradient, folded into $m$ or $h$, stays there for good, so the
+[optimizer](optimizer.html) looks for NaNs and infinities before it writes anything
+(`nonfinite="raise"`, the default, or `"skip"`; `"unchecked"` does not look). This
+module is that search and what follows from it:
+
+* **the flag**: one pass that reads every gradient once, at the speed of memory, and
+  leaves a `float32` flag per device, non-zero if any element is not finite
+  (`found_nonfinite`);
+* **the decision**: on the CPU the flag is read at once, and the step raises or is
+  skipped before any write; with `fused=True` on CUDA it is *not* read: the kernel takes
+  it as `found_inf`, as under a `GradScaler`, and skips the step on the device, and the
+  skipped steps are counted on the device and reported at the next point that waits for
+  it anyway (see [the rule](../engineering/optimizer.md#non-finite-values));
+* **the messages**, which name the first bad tensor and how many of its values are bad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checks import _agree_across_shards, _local
+
+# The storage types the multi-tensor check takes; a complex tensor goes as its real
+# view.
+CHECKED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ## The flag
+#
+# `torch._amp_foreach_non_finite_check_and_unscale_`, the pass a `GradScaler` makes,
+# with a scale of one: per `(device, dtype)`, one multi-tensor pass that reads each
+# element once and sets the device's flag if one is not finite, with no wait for the
+# device. With a scale of one it stores every finite value back bit for bit (the
+# multiplication is not done; a half-precision NaN may come back as another NaN), so
+# it is given only tensors it may store into (contiguous, not an inference tensor);
+# any other is checked out of place.
+def found_nonfinite(tensors: Sequence[Tensor]) -> dict[torch.device, Tensor]:
+    r"""Per device, a one-element `float32` tensor, non-zero if an element of
+    `tensors` on that device is NaN or infinite. Does not wait for the device."""
+    flags: dict[torch.device, Tensor] = {}
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        local = _local(t)
+        local = torch.view_as_real(local) if local.is_complex() else local
+        flag = flags.setdefault(
+            local.device, torch.zeros(1, dtype=torch.float32, device=local.device)
+        )
+        in_place = (
+            local.dtype in CHECKED_DTYPES
+            and local.is_contiguous()
+            and not local.is_inference()
+        )
+        if in_place:
+            groups.setdefault((local.device, local.dtype), []).append(local)
+        elif local.numel():
+            flag.add_((~torch.isfinite(local)).any())
+    for (device, _dtype), group in groups.items():
+        one = torch.ones(1, dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flags[device], one)
+    return flags
+
+
+# `True` if every element of every tensor is finite: the flags read on the host (one
+# wait per device), and, under FSDP, agreed by every process that holds a shard.
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    if not tensors:
+        return True
+    flags = found_nonfinite(tensors)
+    found = torch.stack([f.reshape(()).cpu() for f in flags.values()]).max()
+    found = (found != 0).float()
+    found = _agree_across_shards(found, tensors)
+    return not bool(found)
+
+
+# ## The decision
+#
+# Whether the rule looks at the inputs: not with `"unchecked"`, and not inside a CUDA
+# graph capture (a read on the host is an error there).
+def should_check(nonfinite: str) -> bool:
+    if nonfinite == "unchecked":
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+# The rule over the planned tensors of a step or of a refresh (`refresh`), for
+# `optimizer`: `False` to go on, `True` to skip (counted), or a `FloatingPointError`
+# naming the first bad gradient, or entry of `estimates` when given.
+def skip_nonfinite(
+    optimizer: Any, plan: list[tuple], *, refresh: bool, estimates: list | None = None
+) -> bool:
+    tensors = [t for _, _, group_tensors, _ in plan for t in group_tensors]
+    if not should_check(optimizer.nonfinite) or _all_finite(tensors):
+        return False
+    if optimizer.nonfinite == "skip":
+        if refresh:
+            optimizer.skipped_refreshes += 1
+        else:
+            optimizer.skipped_steps += 1
+        return True
+    if estimates is None:
+        named, what = _named_grads(optimizer.param_groups), "gradient"
+    else:
+        named, what = _named_estimates(estimates), "Hessian estimate"
+    if refresh:
+        call = f"{type(optimizer).__name__}.update_hessian"
+        raise _nonfinite_error(call, named, what, "h was not changed", "refreshes")
+    raise _nonfinite_error("SophiaG.step", named, what, "nothing was changed", "steps")
+
+
+# ## On the device
+#
+# With `fused=True` on CUDA, every group fused and every tensor a plain tensor on one
+# device, the flag is not read: it goes to the kernel as `found_inf`, which then
+# changes nothing (not even the step counts), and it is added to a count on the
+# device. `DEVICE_SIDE` is where this is done; the tests add `"cpu"` to run it here.
+# Sharded tensors keep the host path, whose processes must agree before any write.
+DEVICE_SIDE = {"cuda"}
+
+
+def device_flag(optimizer: Any, plan: list[tuple]) -> Tensor | None:
+    r"""The flag to hand to the kernel, or `None` where the host decides."""
+    tensors = [t for _, _, group_tensors, _ in plan for t in group_tensors]
+    devices = {t.device for t in tensors}
+    if (
+        not tensors
+        or not should_check(optimizer.nonfinite)
+        or len(devices) != 1
+        or next(iter(devices)).type not in DEVICE_SIDE
+        or any(impl != "fused" for _, _, _, impl in plan)
+        or any(hasattr(t, "device_mesh") for t in tensors)
+    ):
+        return None
+    (flag,) = found_nonfinite(tensors).values()
+    pending = optimizer.__dict__.get("_device_skips")
+    skipped = (flag != 0).to(torch.float32)
+    optimizer._device_skips = skipped if pending is None else pending + skipped
+    return flag
+
+
+# The count read at the next call that waits for the device anyway (`win_rate()`,
+# `state_dict()`, `update_hessian()`, or reading `skipped_steps`): counted in
+# `skipped_steps` under `"skip"`, a `FloatingPointError` under `"raise"`. Either way
+# those steps changed nothing.
+def settle_device_skips(optimizer: Any) -> None:
+    pending = optimizer.__dict__.pop("_device_skips", None)
+    if pending is None:
+        return
+    n = int(pending.item())
+    if n == 0:
+        return
+    if optimizer.nonfinite == "skip":
+        optimizer._skipped_steps += n
+        return
+    raise FloatingPointError(
+        f"{n} step(s) of {type(optimizer).__name__} since the last check were "
+        "skipped on the device: a gradient held NaN or inf, and those steps changed "
+        "nothing (construct the optimizer with nonfinite='skip' to count them in "
+        "skipped_steps instead)"
+    )
+
+
+# The slow path, taken only once something was found: which parameter, and how many of
+# its values. Under FSDP another process may hold the bad shard, and the message says
+# so.
+def _describe_nonfinite(named: Sequence[tuple[str, Tensor]], what: str) -> str:
+    for name, t in named:
+        local = _local(t)
+        n_bad = int((~torch.isfinite(local)).sum())
+        if n_bad:
+            kinds = []
+            if bool(torch.isnan(local).any()):
+                kinds.append("NaN")
+            if bool(torch.isinf(local).any()):
+                kinds.append("inf")
+            return (
+                f"{name} has a {what} with {n_bad} non-finite value(s) "
+                f"({' and '.join(kinds)}) of {local.numel()} "
+                f"(shape {tuple(t.shape)}, dtype {t.dtype})"
+            )
+    return f"a {what} on another process holds non-finite values"
+
+
+# The refusal under `nonfinite="raise"`: what was refused (`call`), the first bad
+# tensor of `named`, what did not change, and how to skip such calls instead
+# (`skipped`: "steps" or "refreshes").
+def _nonfinite_error(
+    call: str,
+    named: Sequence[tuple[str, Tensor]],
+    what: str,
+    unchanged: str,
+    skipped: str,
+) -> FloatingPointError:
+    return FloatingPointError(
+        f"{call} refused: {_describe_nonfinite(named, what)}; {unchanged} "
+        "(construct the optimizer with nonfinite='skip' "
+        f"to skip such {skipped} instead)"
+    )
+
+
+# The gradients and the estimates, with their place, for the error message.
+def _named_grads(param_groups: list[dict]) -> list[tuple[str, Tensor]]:
+    return [
+        (f"param_groups[{gi}]['params'][{pi}]", p.grad)
+        for gi, group in enumerate(param_groups)
+        for pi, p in enumerate(group["params"])
+        if p.grad is not None
+    ]
+
+
+def _named_estimates(estimates: list) -> list[tuple[str, Tensor]]:
+    return [(f"estimates[{i}]", e) for i, e in enumerate(estimates) if e is not None]
