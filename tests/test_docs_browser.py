@@ -152,6 +152,21 @@ def _sections_layout(driver) -> list[dict]:
     )
 
 
+# Type `text` into the search box and wait for at least one result.
+def search(browser, text):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    box = browser.find_element(By.CSS_SELECTOR, "input.md-search__input")
+    box.click()
+    box.send_keys(text)
+    WebDriverWait(browser, 30).until(
+        lambda d: d.execute_script(
+            "return document.querySelectorAll('.md-search-result__item').length > 0"
+        )
+    )
+
+
 def test_reference_page_on_a_desktop(built_site, browser):
     page = built_site / "code" / "reference.html"
     _open(browser, page, 1600, 1000)
@@ -226,17 +241,8 @@ def test_reference_page_on_a_desktop(built_site, browser):
     assert _severe(browser) == [], "console errors on the reference page"
 
     # Search works from disk too (the index is inlined, the worker runs in the shim).
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    box = browser.find_element(By.CSS_SELECTOR, "input.md-search__input")
-    box.click()
-    box.send_keys("hessian_ema_reference")
-    WebDriverWait(browser, 30).until(
-        lambda d: d.execute_script(
-            "return document.querySelectorAll('.md-search-result__item').length > 0"
-        )
-    )
+    search(browser, "hessian_ema_reference")
     assert _severe(browser) == [], "console errors while searching"
 
 
@@ -314,14 +320,7 @@ def test_reference_page_served_over_http(served, browser):
     )
     # Search finds the reference's step function (named in the prose; the code itself
     # is left out of the index).
-    box = browser.find_element(By.CSS_SELECTOR, "input.md-search__input")
-    box.click()
-    box.send_keys("sophiag_reference")
-    WebDriverWait(browser, 30).until(
-        lambda d: d.execute_script(
-            "return document.querySelectorAll('.md-search-result__item').length > 0"
-        )
-    )
+    search(browser, "sophiag_reference")
     assert _severe(browser) == []
 
 
