@@ -117,15 +117,24 @@ def test_bad_index_tensors_are_refused(model):
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
 
 
-def test_param_groups_decay_matrices_only(model):
+def test_param_groups_decay_the_linear_weights_only(model):
     decay, no_decay = model.param_groups(0.2)
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"])
-    assert all(p.dim() < 2 for p in no_decay["params"])
     ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert any(p is model.transformer.wte.weight for p in decay["params"])
-    assert any(p is model.transformer.ln_f.weight for p in no_decay["params"])
+    # The authors' rule: the weights of the attention and MLP linear layers, by name;
+    # not the embeddings (nor the head tied to one), LayerNorms or biases.
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    per_block = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    expected = [
+        f"transformer.h.{i}.{layer}.weight"
+        for i in range(model.config.n_layer)
+        for layer in per_block
+    ]
+    assert decayed == sorted(expected)
+    assert not any(p is model.transformer.wte.weight for p in decay["params"])
+    assert any(p is model.lm_head.weight for p in no_decay["params"])
     # Any optimizer takes them.
     torch.optim.AdamW(model.param_groups(0.1), lr=1e-3)
     SophiaG(model.param_groups(0.1), lr=1e-3)
@@ -133,3 +142,13 @@ def test_param_groups_decay_matrices_only(model):
         ValueError, match="weight_decay must be a finite number >= 0, got -1"
     ):
         model.param_groups(-1)
+
+
+def test_default_model_decays_the_authors_count():
+    # 4 blocks x (3C^2 + C^2 + 4C^2 + 4C^2) with C = 128; decaying every 2-D tensor,
+    # as before, added the token and position embeddings: 827,392.
+    model = GPT(GPTConfig())
+    decay, _ = model.param_groups(0.1)
+    assert sum(p.numel() for p in decay["params"]) == 786_432
+    assert len(decay["params"]) == 16
+    assert sum(p.numel() for p in model.parameters() if p.dim() >= 2) == 827_392

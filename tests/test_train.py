@@ -122,6 +122,125 @@ def test_fused_follows_the_reference(corpus):
     )
 
 
+# ## The sign-momentum baseline
+
+
+def test_sign_momentum_is_sophiag_that_never_refreshes(corpus, monkeypatch):
+    import sophia.experiments.train as train_module
+    from sophia.optimizer import SophiaG
+
+    made = []
+    real_make = train_module.make_optimizer
+
+    def keep(model, config):
+        made.append(real_make(model, config))
+        return made[-1]
+
+    monkeypatch.setattr(train_module, "make_optimizer", keep)
+    sign = run(corpus, optimizer="signmomentum", steps=12, hess_interval=5)
+    sophia = run(corpus, optimizer="sophiag", steps=12, hess_interval=1000)
+    assert type(made[0]) is SophiaG
+    assert sign.config["lr"] == sophia.config["lr"]
+    # $h$ stays zero: every step was the sign of the momentum, and no refresh ran.
+    hessians = [s["hessian"] for s in made[0].state.values()]
+    assert hessians and all(torch.count_nonzero(h) == 0 for h in hessians)
+    assert sign.refresh_steps == [] and sign.win_rates == []
+    assert sign.hessian_seconds == 0
+    # Sophia-G whose first refresh never comes takes the same steps, bit for bit.
+    assert sign.train_losses == sophia.train_losses
+    assert sign.val_losses == sophia.val_losses
+
+
+def test_sign_momentum_never_calls_update_hessian(corpus, monkeypatch):
+    from sophia.optimizer import SophiaG
+
+    def refuse(self, *args, **kwargs):
+        pytest.fail("signmomentum refreshed its Hessian")
+
+    monkeypatch.setattr(SophiaG, "update_hessian", refuse)
+    result = run(corpus, optimizer="signmomentum", steps=6, hess_interval=2)
+    assert len(result.train_losses) == 6
+
+
+def test_sign_momentum_takes_sophiag_defaults():
+    from sophia.experiments.config import OPTIMIZER_DEFAULTS
+
+    assert OPTIMIZER_DEFAULTS["signmomentum"] == OPTIMIZER_DEFAULTS["sophiag"]
+    assert TrainConfig(optimizer="signmomentum").hyper() == TrainConfig().hyper()
+
+
+def test_an_unknown_optimizer_lists_the_valid_names(corpus, tmp_path, capsys):
+    names = "adamw, sophiag, sophiah, signmomentum"
+    with pytest.raises(
+        ValueError, match=f"optimizer must be one of {names}, got 'sgd'"
+    ):
+        compare(TINY, ["adamw", "sgd"], [0], corpus=corpus)
+    with pytest.raises(ValueError, match=f"optimizer must be one of {names}"):
+        TrainConfig(optimizer="signmoment")
+    args = ["compare", "--optimizers", "signmoment", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit:
+        main([*args, *TINY_ARGS])
+    assert exit.value.code == 2
+    assert_one_line_error(
+        capsys.readouterr().err, "invalid choice: 'signmoment' (choose from"
+    )
+
+
+# ## Wall-clock, interleaved
+
+
+def test_timed_seconds_rebuild_the_clock_from_the_medians():
+    from sophia.experiments.compare import timed_seconds
+
+    result = RunResult(
+        optimizer="sophiag",
+        impl="default",
+        seed=0,
+        steps=20,
+        n_params=1,
+        tokens_per_step=1,
+        eval_steps=[0, 10, 20],
+        eval_seconds=[0.0, 9.0, 99.0],
+        refresh_steps=[5, 10, 15, 20],
+    )
+    # Without an interleaved timing, the run's own clock.
+    assert timed_seconds(result) == [0.0, 9.0, 99.0]
+    result.step_ms, result.refresh_ms = 100.0, 1000.0
+    # 10 steps and 2 refreshes, then 20 steps and 4 refreshes.
+    assert timed_seconds(result) == pytest.approx([0.0, 3.0, 6.0])
+
+
+def test_compare_times_every_optimizer_interleaved(corpus):
+    results = compare(
+        dataclasses.replace(TINY, steps=4, hess_interval=2, eval_interval=2),
+        ["adamw", "sophiag", "signmomentum"],
+        [0, 1],
+        corpus=corpus,
+        timing_repeats=2,
+    )
+    for r in results:
+        assert r.step_ms > 0
+        assert (r.refresh_ms is not None) == (r.optimizer == "sophiag")
+        assert r.refresh_ms is None or r.refresh_ms > 0
+    # One timing per optimizer, shared by its seeds.
+    assert results[0].step_ms == results[1].step_ms
+    rows = summarize(results)
+    assert all(r["timed_ms_per_step"] >= r["step_ms"] for r in rows)
+    table = compare_module.markdown_table(rows)
+    assert "measured one run after another on this machine, so load-dependent" in table
+    assert "| signmomentum |" in table
+    untimed = compare(
+        dataclasses.replace(TINY, steps=2, eval_interval=1),
+        ["adamw"],
+        [0],
+        corpus=corpus,
+        timing_repeats=0,
+    )
+    assert untimed[0].step_ms is None
+    with pytest.raises(ValueError, match="timing_repeats must be an int >= 0, got -1"):
+        compare(TINY, ["adamw"], [0], corpus=corpus, timing_repeats=-1)
+
+
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
     kw = dict(peak=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
     assert lr_at(0, **kw) == pytest.approx(0.1)
@@ -141,7 +260,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     [
         (
             dict(optimizer="sgd"),
-            r"optimizer must be one of adamw, sophiag, sophiah, got 'sgd'",
+            r"optimizer must be one of adamw, sophiag, sophiah, signmomentum, got 'sgd'",
         ),
         (
             dict(impl="cuda"),

@@ -29,6 +29,7 @@ import torch
 
 from .compare import compare, markdown_table, summarize, write_comparison
 from .config import (
+    COMPARED,
     IMPLEMENTATIONS,
     OPTIMIZERS,
     TrainConfig,
@@ -251,8 +252,10 @@ def _compare_parser() -> argparse.ArgumentParser:
         "--optimizers",
         nargs="+",
         choices=OPTIMIZERS,
-        default=list(OPTIMIZERS),
-        help="default: %(default)s",
+        default=list(COMPARED),
+        help="default: %(default)s; signmomentum is Sophia-G that never refreshes "
+        "its Hessian (h = 0): sign momentum, the baseline that shows what the "
+        "Hessian adds",
     )
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], help="default: %(default)s"

@@ -7,7 +7,9 @@ summary: Train every optimizer with the same seeds and batches; steps to a targe
 `python -m sophia.train compare --out DIR` trains AdamW, Sophia-G and Sophia-H with the
 [training loop](train.html), from the same initial weights, on the same batches in
 the same order, for each of `--seeds`, and writes a figure, a CSV file and a Markdown
-table into `DIR`. Its defaults (a model of about 0.8 M parameters, a few hundred
+table into `DIR`. `--optimizers adamw sophiag signmomentum sophiah` adds the
+sign-momentum baseline, Sophia-G with $h = 0$ (never refreshed), which shows what the
+Hessian adds. Its defaults (a model of about 0.8 M parameters, a few hundred
 steps) make it a job of a few minutes on two CPU cores, with no download. On a GPU
 (Colab), the bigger model and Tiny Shakespeare:
 
@@ -33,9 +35,24 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIMIZERS, TrainConfig
+import torch
+from torch import Tensor
+
+from .config import COMPARED, OPTIMIZERS, REFRESHING, TrainConfig, parse_device
 from .data import Corpus, load_corpus
-from .train import RunResult, train
+from .train import (
+    RunResult,
+    _build_model,
+    _generators,
+    _timed,
+    make_optimizer,
+    refresh_hessian,
+    train,
+    train_step,
+)
+
+# Rounds of the interleaved timing (one more is run first, as a warm-up).
+TIMING_REPEATS = 5
 
 
 # ## Comparing optimizers
@@ -44,16 +61,19 @@ from .train import RunResult, train
 # optimizer starts from the same weights and sees the same batches.
 def compare(
     base: TrainConfig,
-    optimizers: list[str] | tuple[str, ...] = OPTIMIZERS,
+    optimizers: list[str] | tuple[str, ...] = COMPARED,
     seeds: list[int] | tuple[int, ...] = (0, 1, 2),
     *,
     corpus: Corpus | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
+    timing_repeats: int = TIMING_REPEATS,
 ) -> list[RunResult]:
     r"""Train `base` with each of `optimizers` and `seeds`; the results in that order.
 
     `overrides` maps an optimizer's name to fields of `TrainConfig` that differ for it,
-    e.g. `{"adamw": {"lr": 3e-3}}`.
+    e.g. `{"adamw": {"lr": 3e-3}}`. Then one step and one refresh of each optimizer are
+    timed, interleaved, `timing_repeats` times (0: not at all), and their medians set
+    on every result (`step_ms`, `refresh_ms`).
     """
     # Checked in full first: a mistake should not surface after an hour of runs.
     if not optimizers:
@@ -67,6 +87,10 @@ def compare(
             )
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    if isinstance(timing_repeats, bool) or not isinstance(timing_repeats, int):
+        raise ValueError(f"timing_repeats must be an int >= 0, got {timing_repeats!r}")
+    if timing_repeats < 0:
+        raise ValueError(f"timing_repeats must be an int >= 0, got {timing_repeats!r}")
     overrides = overrides or {}
     for name in overrides:
         if name not in optimizers:
@@ -82,12 +106,106 @@ def compare(
     if corpus is None:
         corpus = load_corpus(base.data, cache_dir=base.data_dir)
     results = []
-    # One run at a time, so that the runs time each other fairly.
+    # One run at a time: their clocks measure the machine's load as well.
     for name in optimizers:
         for seed in seeds:
             config = dataclasses.replace(configs[name], seed=seed)
             results.append(train(config, corpus=corpus))
+    if timing_repeats:
+        timings = time_interleaved(configs, corpus, timing_repeats)
+        for r in results:
+            r.step_ms, r.refresh_ms = timings[r.optimizer]
     return results
+
+
+# ### Timing, interleaved
+#
+# The runs above come one after another, so a load that comes and goes on the machine
+# (another job, a thermal limit) lands on one optimizer and not another. Here each
+# optimizer gets a model of its own and then, round after round, $k$ steps and one
+# refresh of each are timed in turn, as [the benchmark](benchmark.html) does: a load
+# falls on every optimizer alike, and the median of the rounds ignores a spike. The
+# first round warms up (allocations, caches) and is not counted.
+def time_interleaved(
+    configs: dict[str, TrainConfig], corpus: Corpus, repeats: int = TIMING_REPEATS
+) -> dict[str, tuple[float, float | None]]:
+    r"""Per optimizer, the median milliseconds of one step and of one refresh (`None`
+    without refreshes), timed interleaved over `repeats` rounds of $k$ steps."""
+    device = parse_device(next(iter(configs.values())).device)
+    setups = {}
+    for name, config in configs.items():
+        gens = _generators(config.seed, device)
+        model = _build_model(config, gens, device)
+        opt = make_optimizer(model, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        setups[name] = (config, gens, model, opt, params)
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in configs}
+    for round_ in range(repeats + 1):
+        for name, setup in setups.items():
+            step, refresh = _time_one_round(setup, corpus, device)
+            if round_ > 0:
+                times[name][0].append(step)
+                if refresh is not None:
+                    times[name][1].append(refresh)
+    return {
+        name: (
+            1000 * statistics.median(steps),
+            1000 * statistics.median(refreshes) if refreshes else None,
+        )
+        for name, (steps, refreshes) in times.items()
+    }
+
+
+# One refresh period, $k$ steps and then for Sophia one refresh, each on a batch from
+# its own stream, timed as the loop times them; the step's time is the period's mean.
+# A single step, right after the other optimizers' turns, would find cold caches.
+def _time_one_round(
+    setup: tuple, corpus: Corpus, device: torch.device
+) -> tuple[float, float | None]:
+    config, gens, model, opt, params = setup
+
+    def batch(stream: str) -> tuple[Tensor, Tensor]:
+        size, context = config.batch_size, config.context
+        return corpus.batch(
+            "train", size, context, generator=gens[stream], device=device
+        )
+
+    def steps() -> None:
+        for _ in range(config.hess_interval):
+            train_step(model, opt, params, batch("train"), config)
+
+    _, seconds = _timed(device, steps)
+    step = seconds / config.hess_interval
+    if config.optimizer not in REFRESHING:
+        return step, None
+    _, refresh = _timed(
+        device,
+        lambda: refresh_hessian(
+            model, opt, params, batch("hessian"), config, gens["samples"]
+        ),
+    )
+    return step, refresh
+
+
+# The training wall-clock at each evaluation rebuilt from the interleaved medians:
+# the steps taken times one step, plus the refreshes run so far times one refresh.
+# Without them (a run not made by `compare`), the clock the run itself measured.
+def timed_seconds(run: RunResult) -> list[float]:
+    r"""Seconds of training at each evaluation, from the interleaved medians if set."""
+    if run.step_ms is None:
+        return list(run.eval_seconds)
+    refresh = run.refresh_ms or 0.0
+    return [
+        (s * run.step_ms + sum(r <= s for r in run.refresh_steps) * refresh) / 1000
+        for s in run.eval_steps
+    ]
+
+
+# Per step, a refresh every $k$ steps included.
+def _timed_ms_per_step(run: RunResult) -> float | None:
+    if run.step_ms is None:
+        return None
+    return run.step_ms + len(run.refresh_steps) * (run.refresh_ms or 0.0) / run.steps
 
 
 # ### Steps to a target loss
@@ -177,12 +295,24 @@ def summarize(results: list[RunResult]) -> list[dict[str, Any]]:
                 baseline_steps_to_match=match,
                 wall_seconds_mean=statistics.fmean(r.wall_seconds for r in runs),
                 ms_per_step=statistics.fmean(r.ms_per_step for r in runs),
-                hessian_overhead_pct=100.0
-                * statistics.fmean(r.hessian_overhead for r in runs),
+                hessian_overhead_pct=100.0 * _overhead(runs),
                 win_rate_mean=statistics.fmean(wins) if wins else None,
+                step_ms=runs[0].step_ms,
+                refresh_ms=runs[0].refresh_ms,
+                timed_ms_per_step=_timed_ms_per_step(runs[0]),
             )
         )
     return rows
+
+
+# The share of training spent in refreshes: from the interleaved medians when there
+# are some, else from the runs' own clocks.
+def _overhead(runs: list[RunResult]) -> float:
+    run = runs[0]
+    if run.step_ms is None:
+        return statistics.fmean(r.hessian_overhead for r in runs)
+    refreshes = len(run.refresh_steps) * (run.refresh_ms or 0.0)
+    return refreshes / (run.steps * run.step_ms + refreshes)
 
 
 # ### Writing the summary
@@ -208,6 +338,9 @@ CSV_COLUMNS = (
     "ms_per_step",
     "hessian_overhead_pct",
     "win_rate_mean",
+    "step_ms",
+    "refresh_ms",
+    "timed_ms_per_step",
 )
 
 MARKDOWN_HEADER = (
@@ -217,8 +350,9 @@ MARKDOWN_HEADER = (
     "steps to target",
     "steps vs baseline",
     "baseline steps to this loss",
-    "wall-clock (s)",
-    "ms/step",
+    "wall-clock, run after run (s)",
+    "ms/step, run after run",
+    "ms/step, interleaved",
     "Hessian overhead",
     "mean win rate",
 )
@@ -242,9 +376,13 @@ _CAPTION = (
     "validation loss, {target_val_loss:.3f}; steps to reach it read off the mean "
     "validation curve (evaluations interpolated linearly); — where it is never "
     'reached. "Baseline steps to this loss": the steps the {baseline} mean curve '
-    "takes to reach this row's final loss. Wall-clock excludes evaluation; the "
-    "Hessian overhead is the share of it spent in refreshes; the win rate is the "
-    "fraction of coordinates not clipped, averaged over all refreshes."
+    "takes to reach this row's final loss. Wall-clock excludes evaluation. "
+    '"Run after run": measured one run after another on this machine, so '
+    'load-dependent. "Interleaved": the median step, plus its share of the median '
+    "refresh, of one step and one refresh of each optimizer timed in turn, "
+    "{timing}; the Hessian overhead is the refreshes' share of that time{fallback}. "
+    "The win rate is the fraction of coordinates not clipped, averaged over all "
+    "refreshes."
 )
 
 
@@ -260,12 +398,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "| " + " | ".join(MARKDOWN_HEADER) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(MARKDOWN_HEADER) - 1)) + "|",
     ]
-    # AdamW has no Hessian, and a dash says so better than "0.0 %".
+    # AdamW and the sign-momentum baseline have no Hessian, and a dash says so
+    # better than "0.0 %".
     for r in rows:
         spread = f" ± {r['final_val_loss_std']:.3f}" if r["seeds"] > 1 else ""
         hessian = (
             "—"
-            if r["optimizer"] == "adamw"
+            if r["optimizer"] not in REFRESHING
             else fmt(r["hessian_overhead_pct"], ".1f", " %")
         )
         lines.append(
@@ -280,6 +419,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                     fmt(r["baseline_steps_to_match"], ".0f"),
                     f"{r['wall_seconds_mean']:.1f}",
                     f"{r['ms_per_step']:.1f}",
+                    fmt(r["timed_ms_per_step"], ".1f"),
                     hessian,
                     fmt(r["win_rate_mean"], ".2f"),
                 ]
@@ -288,8 +428,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         )
     # A table copied into a report without its caption still says what it measured.
     first = rows[0]
+    interleaved = first["step_ms"] is not None
     lines.append("")
-    lines.append(_CAPTION.format(**first))
+    lines.append(
+        _CAPTION.format(
+            **first,
+            timing="medians over rounds" if interleaved else "not measured here",
+            fallback="" if interleaved else " (here: of the runs' own clocks)",
+        )
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -297,7 +444,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 #
 # The validation loss against steps and against training wall-clock: per optimizer
 # the mean over seeds, and a band from the lowest seed to the highest (with a handful
-# of seeds, the range is what was seen). A `Figure` on an Agg canvas, not `pyplot`,
+# of seeds, the range is what was seen). The wall-clock is rebuilt from the
+# interleaved timing when there is one, and says so on its axis; otherwise it is the
+# runs' own, measured one after another, and the axis says that. A `Figure` on an Agg canvas, not `pyplot`,
 # so that it neither changes a notebook's backend nor shows up in its output.
 def plot(results: list[RunResult], path: Path, *, title: str = "") -> None:
     r"""Validation loss vs steps and vs wall-clock, mean and range over seeds."""
@@ -307,26 +456,38 @@ def plot(results: list[RunResult], path: Path, *, title: str = "") -> None:
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax_steps, ax_time = fig.subplots(1, 2, sharey=True)
-    for name, runs in _by_optimizer(results).items():
+    # A line style per optimizer too: sign momentum can lie on Sophia-G's curve.
+    styles = ("-", "--", "-.", ":")
+    for i, (name, runs) in enumerate(_by_optimizer(results).items()):
+        style = styles[i % len(styles)]
         losses = list(zip(*(r.val_losses for r in runs)))
         mean = [statistics.fmean(v) for v in losses]
         low, high = [min(v) for v in losses], [max(v) for v in losses]
         steps = runs[0].eval_steps
-        seconds = _mean_curve(runs, "eval_seconds")
+        seconds = [statistics.fmean(v) for v in zip(*map(timed_seconds, runs))]
         label = f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         # One colour per optimizer, on both panels.
-        (line,) = ax_steps.plot(steps, mean, label=label)
+        (line,) = ax_steps.plot(steps, mean, style, label=label)
         ax_steps.fill_between(
             steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0
         )
-        ax_time.plot(seconds, mean, color=line.get_color(), label=label)
+        ax_time.plot(seconds, mean, style, color=line.get_color(), label=label)
         ax_time.fill_between(
             seconds, low, high, color=line.get_color(), alpha=0.2, linewidth=0
         )
     ax_steps.set_xlabel("optimizer steps")
     ax_steps.set_ylabel("validation loss (nats per byte)")
     ax_steps.set_title("Validation loss vs steps")
-    ax_time.set_xlabel("training wall-clock (s, evaluation excluded)")
+    if all(r.step_ms is not None for r in results):
+        ax_time.set_xlabel(
+            "training wall-clock (s): steps × median step + refreshes × median "
+            "refresh,\ntimed interleaved"
+        )
+    else:
+        ax_time.set_xlabel(
+            "training wall-clock (s, evaluation excluded),\nmeasured one run after "
+            "another on this machine: load-dependent"
+        )
     ax_time.set_title("Validation loss vs wall-clock")
     for ax in (ax_steps, ax_time):
         ax.grid(True, alpha=0.3)

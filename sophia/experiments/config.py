@@ -26,8 +26,19 @@ import torch
 from .data import CORPORA
 from .model import GPTConfig
 
-# The optimizers the loop trains with.
-OPTIMIZERS = ("adamw", "sophiag", "sophiah")
+# The optimizers the loop trains with. `signmomentum` is a baseline, not a new
+# optimizer: `SophiaG` whose Hessian is never refreshed, so $h = 0$ for the whole run
+# and every step is clipped, $\theta \leftarrow \theta - \eta_t \operatorname{sign}(m_t)$
+# after the decoupled decay: sign momentum. Against it, Sophia-G shows what its
+# Hessian adds.
+OPTIMIZERS = ("adamw", "sophiag", "sophiah", "signmomentum")
+
+# Those that refresh a Hessian estimate every $k$ steps.
+REFRESHING = ("sophiag", "sophiah")
+
+# What `compare` trains unless told: the baseline costs a quarter more time, so it is
+# asked for by name (`--optimizers adamw sophiag signmomentum sophiah`).
+COMPARED = ("adamw", "sophiag", "sophiah")
 
 # The implementations of the step: `foreach=False`, `foreach=True`, `fused=True` (for
 # AdamW, the same flags of `torch.optim.AdamW`). `None` leaves the choice to the
@@ -47,6 +58,8 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sophiag": dict(lr=6e-4, betas=(0.965, 0.99), weight_decay=0.2, rho=0.05),
     "sophiah": dict(lr=6e-4, betas=(0.965, 0.99), weight_decay=0.2, rho=0.05),
 }
+# The baseline is Sophia-G in every setting but the refresh ($\rho$ then never acts).
+OPTIMIZER_DEFAULTS["signmomentum"] = dict(OPTIMIZER_DEFAULTS["sophiag"])
 
 # The seed of the validation batches, whatever the seed of the run, so that every
 # evaluation of every run measures the same text.

@@ -400,19 +400,19 @@ class GPT(nn.Module):
 
     # ## Parameter groups
     #
-    # Weight decay pulls the matrices that multiply activations (the embeddings too)
-    # towards zero, but not the biases and LayerNorm gains: shrinking a gain only
-    # rescales a layer the next one must undo. nanoGPT's rule says exactly that: every
-    # parameter with two or more dimensions is decayed, every other one is not. Here
-    # the decayed group is the tied embedding and head, the position embedding and
-    # every linear weight. The groups are plain dictionaries that
-    # `torch.optim.AdamW`, `SophiaG` and `SophiaH` all take, and all of them decay the
-    # decoupled way of Algorithm 3's line 11,
-    # $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$, so $\lambda$ = `weight_decay`
-    # acts the same under each.
+    # Weight decay pulls the matrices of the linear layers (attention, MLP) towards
+    # zero, and nothing else: not the biases and LayerNorm gains (shrinking a gain
+    # only rescales a layer the next one must undo), and not the embeddings, token
+    # and position, hence not the head tied to the token embedding. That is the rule
+    # of the authors' `model.py` (the nanoGPT of their time), which `train_sophiag.py`
+    # trains: only `nn.Linear` weights decay, and the tied matrix counts as the
+    # embedding it is. The groups are plain dictionaries that `torch.optim.AdamW`,
+    # `SophiaG` and `SophiaH` all take, and all of them decay the decoupled way of
+    # Algorithm 3's line 11, $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$, so
+    # $\lambda$ = `weight_decay` acts the same under each.
     def param_groups(self, weight_decay: float) -> list[dict]:
-        r"""Two parameter groups: 2-D (and higher) weights with `weight_decay`, the
-        rest with none."""
+        r"""Two parameter groups: the `nn.Linear` weights (the tied head excepted)
+        with `weight_decay`, the rest with none."""
         if (
             isinstance(weight_decay, bool)
             or not isinstance(weight_decay, (int, float))
@@ -421,11 +421,19 @@ class GPT(nn.Module):
             raise ValueError(
                 f"weight_decay must be a finite number >= 0, got {weight_decay!r}"
             )
+        modules = list(self.modules())
+        embeddings = {id(m.weight) for m in modules if isinstance(m, nn.Embedding)}
+        linear = {id(m.weight) for m in modules if isinstance(m, nn.Linear)}
+        decayed = linear - embeddings
         # Frozen parameters stay out: an optimizer would keep state for them unused.
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
         return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {
+                "params": [p for p in params if id(p) in decayed],
+                "weight_decay": weight_decay,
+            },
+            {
+                "params": [p for p in params if id(p) not in decayed],
+                "weight_decay": 0.0,
+            },
         ]

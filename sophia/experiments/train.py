@@ -5,7 +5,7 @@ summary: The reference training recipe (clipping, warm-up and cosine, Hessian re
 ---
 
 This module trains the [small GPT](model.html) on the [offline corpus](data.html) with
-one of three optimizers, following the recipe of the authors' `train_sophiag.py`, and
+one of four optimizers, following the recipe of the authors' `train_sophiag.py`, and
 measures what the paper claims: how many steps Sophia needs to reach AdamW's
 validation loss, and what the Hessian refreshes cost in wall-clock.
 
@@ -38,6 +38,9 @@ a refresh of the Hessian estimate on a fresh batch:
   `update_hessian(loss=...)`, Hutchinson's $u \odot (\nabla^2 L\, u)$ of the mean
   loss itself, so its steps use `bs` $= 1$.
 * **AdamW** (`torch.optim.AdamW`): no refresh.
+* **Sign momentum** (`signmomentum`, a baseline): `SophiaG` with Sophia-G's settings
+  that never refreshes, so $h = 0$ and every step is
+  $\eta_t \operatorname{sign}(m_t)$ after the decay.
 
 Each run draws its randomness from one `torch.Generator` per purpose, all seeded from
 `seed`, so AdamW and Sophia with the same seed see the same batches in the same order.
@@ -75,6 +78,7 @@ from .config import (
     IMPLEMENTATIONS,
     OPTIMIZER_DEFAULTS,
     OPTIMIZERS,
+    REFRESHING,
     TrainConfig,
     check_out_dir,
     lr_at,
@@ -155,6 +159,10 @@ class RunResult:
     wall_seconds: float = 0.0
     hessian_seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    # Set by [`compare`](compare.html): the median time of one step and of one
+    # refresh (`None` for no refresh), timed with the other optimizers interleaved.
+    step_ms: float | None = None
+    refresh_ms: float | None = None
 
     @property
     def final_val_loss(self) -> float:
@@ -192,9 +200,10 @@ class RunResult:
 
 # ## The optimizer
 #
-# Two parameter groups, as in nanoGPT: weight decay on the matrices, none on biases
-# and LayerNorm gains ([`GPT.param_groups`](model.html)). The `lr` given is the peak;
-# the loop overwrites it at every step with the schedule's.
+# Two parameter groups, as in the authors' `model.py`, for every optimizer: weight
+# decay on the `nn.Linear` weights, none on embeddings, biases and LayerNorm gains
+# ([`GPT.param_groups`](model.html)). The `lr` given is the peak; the loop overwrites
+# it at every step with the schedule's.
 def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
     r"""The optimizer of `config` over the model's parameter groups."""
     hyper = config.hyper()
@@ -209,7 +218,7 @@ def make_optimizer(model: GPT, config: TrainConfig) -> torch.optim.Optimizer:
     }[config.impl]
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=hyper["lr"], betas=hyper["betas"], **flags)
-    cls = SophiaG if config.optimizer == "sophiag" else SophiaH
+    cls = SophiaH if config.optimizer == "sophiah" else SophiaG
     return cls(groups, lr=hyper["lr"], betas=hyper["betas"], rho=hyper["rho"], **flags)
 
 
@@ -306,7 +315,8 @@ def evaluate(
 # Sophia-G's step gets $B$, the predictions behind its estimate: the stored average
 # of $\hat g \odot \hat g$ times $B$ is the Gauss-Newton diagonal of the mean loss
 # ([why](../hessian.html#bartletts-identities)); pass the wrong $B$ and $\rho$
-# silently means something else. Sophia-H keeps `bs=1`.
+# silently means something else. Sophia-H keeps `bs=1`; the sign-momentum baseline
+# gets Sophia-G's $B$, so that it is Sophia-G's step exactly (with $h = 0$).
 def train_step(
     model: GPT,
     optimizer: torch.optim.Optimizer,
@@ -320,7 +330,7 @@ def train_step(
     loss.backward()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-    if config.optimizer == "sophiag":
+    if config.optimizer in ("sophiag", "signmomentum"):
         optimizer.step(bs=config.tokens_per_step)
     else:
         optimizer.step()
@@ -462,7 +472,7 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
             result.train_losses.append(loss)
             tracker.add(loss=loss, lr=lr)
             # Every $k$ steps, after the step: Algorithm 3, lines 7-10.
-            if config.optimizer != "adamw" and step % k == k - 1:
+            if config.optimizer in REFRESHING and step % k == k - 1:
                 _, seconds = _timed(
                     device,
                     lambda: refresh_hessian(
