@@ -251,6 +251,10 @@ def test_stored_outputs_are_one_clean_run(name):
             assert str(NOTEBOOK_DIR.parent) not in text, (
                 f"an output shows the checkout's path: {text[:200]}"
             )
+            # Nor a warning, which names the file that raised it: a run that warned
+            # (another build of the kernel at the same time, say) is not a clean run,
+            # whichever folder it ran in.
+            assert "Warning:" not in text, f"an output holds a warning: {text[:300]}"
             # No labml header with the checkout's commit message and state.
             assert "[clean]" not in text and "[dirty]" not in text, text[:300]
             if "image/png" in output.get("data", {}):
