@@ -7,6 +7,7 @@ and `CHECKS` by fakes, so that everything around the checks runs.
 """
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -320,3 +321,10 @@ def test_without_a_checkout_tests_and_notebooks_are_skipped(tmp_path, check):
 def test_cuda_only_checks_skip_on_the_cpu(tmp_path, check):
     with pytest.raises(CheckSkipped, match="needs a CUDA device"):
         check(context(tmp_path))
+
+
+def test_a_nan_difference_is_never_lost():
+    a = [torch.ones(2), torch.ones(2)]
+    b = [torch.tensor([float("nan"), 1.0]), torch.tensor([1.5, 1.0])]
+    assert cuda_checks.max_relative_difference(a, b) == math.inf
+    assert cuda_checks.max_relative_difference(a[::-1], b[::-1]) == math.inf

@@ -23,6 +23,7 @@ atol=rtol * 1e-2)` passes, with the tolerance it must meet.
 from __future__ import annotations
 
 import contextlib
+import math
 import subprocess
 import sys
 import time
@@ -75,10 +76,13 @@ def _needs_cuda(ctx: Context) -> None:
         raise CheckSkipped(f"needs a CUDA device, got {ctx.device}")
 
 
+# A NaN is the worst disagreement: it counts as infinite (Python's `max` would keep or
+# drop a NaN depending on where it stands), as in the demo's `max_relative_difference`.
 def max_relative_difference(expected: list[Tensor], actual: list[Tensor]) -> float:
     r"""$\max_i |b_i - a_i| / (|a_i| + 10^{-2})$ over every tensor pair."""
     return max(
         ((b.float() - a.float()).abs() / (a.float().abs() + RELATIVE_FLOOR))
+        .nan_to_num(nan=math.inf)
         .max()
         .item()
         for a, b in zip(expected, actual)
