@@ -490,10 +490,12 @@ class SophiaH(SophiaG):
     `retain_graph`): `opt.update_hessian(loss=loss)`; or pass estimates you computed
     yourself.
 
-    Defaults: the authors publish no PyTorch defaults for Sophia-H. We keep `SophiaG`'s
-    (`lr=1e-4`, `betas=(0.965, 0.99)`, `rho=0.04`, `weight_decay=0.1`) because with
-    `bs=1` the two optimizers see the same quantity $h$, an estimate of the same
-    Hessian diagonal. `n_samples` probes (default 1, as in the paper) of the
+    Defaults: the authors publish no PyTorch Sophia-H. Their JAX code (levanter) uses
+    $\gamma_H$ = `rho=0.01` with this estimate of the mean loss's Hessian, a quarter
+    of its $\gamma_G$, and so do we; the rest is `SophiaG`'s (`lr=1e-4`,
+    `betas=(0.965, 0.99)`, `weight_decay=0.1`). Our $\rho$ sweep for Sophia-H could
+    not tell 0.01 from 0.05 (the results page, step 2).
+    `n_samples` probes (default 1, as in the paper) of the
     `distribution` (`"rademacher"`, the lower-variance choice, or `"gaussian"`) are
     averaged per refresh.
     """
@@ -503,7 +505,7 @@ class SophiaH(SophiaG):
         params: Iterable[Tensor] | Iterable[dict],
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.965, 0.99),
-        rho: float = 0.04,
+        rho: float = 0.01,
         weight_decay: float = 1e-1,
         *,
         n_samples: int = 1,

@@ -48,15 +48,15 @@ IMPLEMENTATIONS = ("reference", "foreach", "fused")
 # ## Hyperparameters per optimizer
 #
 # Betas, weight decay and $\rho$ are the reference configurations' for GPT-2 125M;
-# Sophia-H keeps Sophia-G's, since with `bs=1` both hold an estimate of the same
-# Hessian diagonal. The peak learning rates are ours, the best of a small sweep on
-# the default model (Sophia's is about a tenth of AdamW's, as for other sign-like
-# methods): the sweep, and what it taught about $\rho$ and $\beta_1$, are on
-# [how the training script is built](../../engineering/training.md#the-default-hyperparameters).
+# Sophia-H keeps Sophia-G's but for $\rho$, 0.01: the authors' $\gamma_H$ in their
+# JAX code, with this estimate of the mean loss's Hessian (`bs=1`). The peak learning
+# rates are ours, the best of a small sweep on the default model (Sophia's is about a
+# tenth of AdamW's, as for other sign-like methods): the sweeps, and what they taught
+# about $\rho$ and $\beta_1$, are on [the results page](../../results.md).
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": dict(lr=6e-3, betas=(0.9, 0.95), weight_decay=0.1),
     "sophiag": dict(lr=6e-4, betas=(0.965, 0.99), weight_decay=0.2, rho=0.05),
-    "sophiah": dict(lr=6e-4, betas=(0.965, 0.99), weight_decay=0.2, rho=0.05),
+    "sophiah": dict(lr=6e-4, betas=(0.965, 0.99), weight_decay=0.2, rho=0.01),
 }
 # The baseline is Sophia-G in every setting but the refresh ($\rho$ then never acts).
 OPTIMIZER_DEFAULTS["signmomentum"] = dict(OPTIMIZER_DEFAULTS["sophiag"])
