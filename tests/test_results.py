@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 
-from sophia.experiments import results
+from sophia.experiments import pages, results
 from sophia.experiments.cli import _compare_parser
 
 
 def test_the_pages_say_what_the_data_says():
-    found = results.differences()
+    found = pages.differences()
     assert not found, "\n".join(
         [*found, "regenerate: python -m sophia.experiments.results write"]
     )
@@ -52,17 +52,17 @@ def test_the_measurement_and_the_comparison_agree():
 
 
 def test_every_block_is_on_a_page_and_every_page_has_blocks():
-    text = "".join((results.ROOT / p).read_text() for p in results.PAGES)
-    used = {m.group(2) for m in results.BLOCK.finditer(text)}
-    assert used == set(results.BLOCKS)
-    for page in results.PAGES:
+    text = "".join((results.ROOT / p).read_text() for p in pages.PAGES)
+    used = {m.group(2) for m in pages.BLOCK.finditer(text)}
+    assert used == set(pages.BLOCKS)
+    for page in pages.PAGES:
         body = (results.ROOT / page).read_text()
-        assert results.BLOCK.search(body) or results.VALUE.search(body), page
+        assert pages.BLOCK.search(body) or pages.VALUE.search(body), page
 
 
 @pytest.fixture
 def copy_of_the_docs(tmp_path):
-    for page in results.PAGES:
+    for page in pages.PAGES:
         (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(results.ROOT / page, tmp_path / page)
     shutil.copytree(results.ROOT / "docs" / "data", tmp_path / "docs" / "data")
@@ -71,31 +71,31 @@ def copy_of_the_docs(tmp_path):
 
 def test_a_changed_number_in_the_data_is_found(copy_of_the_docs):
     root = copy_of_the_docs
-    assert results.differences(root) == []
+    assert pages.differences(root) == []
     path = root / "docs" / "data" / "final" / "runs.json"
     runs = json.loads(path.read_text())
     adamw = next(r for r in runs if r["optimizer"] == "adamw")
     adamw["val_losses"][-1] += 0.5
     path.write_text(json.dumps(runs))
-    found = results.differences(root)
+    found = pages.differences(root)
     assert "docs/results.md: three-seeds differs from docs/data" in found
     assert any(line.startswith("docs/index.md:") for line in found)
     # `write` brings the page back in line, and only between the markers.
     before = (root / "docs/results.md").read_text()
-    results.write(root)
+    pages.write(root)
     after = (root / "docs/results.md").read_text()
-    assert results.differences(root) == []
-    outside = results.BLOCK.sub("", results.VALUE.sub("", before))
-    assert results.BLOCK.sub("", results.VALUE.sub("", after)) == outside
+    assert pages.differences(root) == []
+    outside = pages.BLOCK.sub("", pages.VALUE.sub("", before))
+    assert pages.BLOCK.sub("", pages.VALUE.sub("", after)) == outside
 
 
 def test_a_changed_number_on_the_page_is_found(copy_of_the_docs):
     root = copy_of_the_docs
     page = root / "docs/hyperparameters.md"
     text = page.read_text()
-    m = results.VALUE.search(text)
+    m = pages.VALUE.search(text)
     page.write_text(text[: m.start(3)] + "9.999" + text[m.end(3) :])
-    assert results.differences(root) == [
+    assert pages.differences(root) == [
         f"docs/hyperparameters.md: {m.group(2)} differs from docs/data"
     ]
 
@@ -105,7 +105,7 @@ def test_render_replaces_between_the_markers_only(copy_of_the_docs):
         'before <span data-value="api.sophiah.rho">old</span> after\n'
         "<!-- results: commands-winrate -->\nold\n<!-- /results -->\ntail\n"
     )
-    out = results.render(text, copy_of_the_docs)
+    out = pages.render(text, copy_of_the_docs)
     assert out.startswith(
         'before <span data-value="api.sophiah.rho">0.01</span> after\n'
     )
@@ -116,9 +116,9 @@ def test_render_replaces_between_the_markers_only(copy_of_the_docs):
 def test_an_unknown_name_is_an_error_naming_the_page(copy_of_the_docs):
     with pytest.raises(KeyError, match="p.md: unknown results block 'nope'"):
         block = "<!-- results: nope -->\nx\n<!-- /results -->"
-        results.render(block, copy_of_the_docs, "p.md")
+        pages.render(block, copy_of_the_docs, "p.md")
     with pytest.raises(KeyError, match="p.md: unknown value 'nope'"):
-        results.render('<span data-value="nope">x</span>', copy_of_the_docs, "p.md")
+        pages.render('<span data-value="nope">x</span>', copy_of_the_docs, "p.md")
 
 
 def test_missing_data_names_the_command_that_makes_it(tmp_path):
