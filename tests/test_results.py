@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from sophia.experiments import pages, results
+from sophia.experiments import pages, results, studies
 from sophia.experiments.cli import _compare_parser
 
 
@@ -19,30 +19,30 @@ def test_the_pages_say_what_the_data_says():
     )
 
 
-@pytest.mark.parametrize("name", list(results.STUDIES))
+@pytest.mark.parametrize("name", list(studies.STUDIES))
 def test_every_study_has_its_data_and_its_summary_matches_its_runs(name, tmp_path):
-    runs = results.load_runs(name)
+    runs = studies.load_runs(name)
     assert runs and all(r.val_losses for r in runs)
     # `compare.csv` is what `compare` writes from these very runs.
-    assert results.csv_matches(name, results.ROOT, tmp_path / "compare.csv")
+    assert studies.csv_matches(name, studies.ROOT, tmp_path / "compare.csv")
 
 
-@pytest.mark.parametrize("name", list(results.STUDIES))
+@pytest.mark.parametrize("name", list(studies.STUDIES))
 def test_every_study_is_a_valid_compare_command(name):
-    args = _compare_parser().parse_args([*results.STUDIES[name], "--out", "x"])
-    runs = results.load_runs(name)
+    args = _compare_parser().parse_args([*studies.STUDIES[name], "--out", "x"])
+    runs = studies.load_runs(name)
     assert sorted({r.optimizer for r in runs}) == sorted(args.optimizers)
     assert sorted({r.seed for r in runs}) == sorted(args.seeds)
     assert {r.steps for r in runs} == {args.steps}
     # The command on the page is the one that ran.
-    assert results.command(name).startswith("python -m sophia.train compare ")
+    assert studies.command(name).startswith("python -m sophia.train compare ")
 
 
 def test_the_measurement_and_the_comparison_agree():
     # Two code paths, one run: the win-rate module's Sophia-G and Sophia-H at seed 0
     # and the comparison's.
-    data = results.winrate_data(results.ROOT)
-    final = {(r.optimizer, r.seed): r for r in results.load_runs("final")}
+    data = studies.winrate_data(studies.ROOT)
+    final = {(r.optimizer, r.seed): r for r in studies.load_runs("final")}
     for name, measured in (("sophiag", data["sophiag"]), ("sophiah", data["sophiah"])):
         run = final[(name, 0)]
         assert measured["final_val_loss"] == run.final_val_loss
@@ -52,11 +52,11 @@ def test_the_measurement_and_the_comparison_agree():
 
 
 def test_every_block_is_on_a_page_and_every_page_has_blocks():
-    text = "".join((results.ROOT / p).read_text() for p in pages.PAGES)
+    text = "".join((studies.ROOT / p).read_text() for p in pages.PAGES)
     used = {m.group(2) for m in pages.BLOCK.finditer(text)}
     assert used == set(pages.BLOCKS)
     for page in pages.PAGES:
-        body = (results.ROOT / page).read_text()
+        body = (studies.ROOT / page).read_text()
         assert pages.BLOCK.search(body) or pages.VALUE.search(body), page
 
 
@@ -64,8 +64,8 @@ def test_every_block_is_on_a_page_and_every_page_has_blocks():
 def copy_of_the_docs(tmp_path):
     for page in pages.PAGES:
         (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(results.ROOT / page, tmp_path / page)
-    shutil.copytree(results.ROOT / "docs" / "data", tmp_path / "docs" / "data")
+        shutil.copyfile(studies.ROOT / page, tmp_path / page)
+    shutil.copytree(studies.ROOT / "docs" / "data", tmp_path / "docs" / "data")
     return tmp_path
 
 
@@ -123,7 +123,7 @@ def test_an_unknown_name_is_an_error_naming_the_page(copy_of_the_docs):
 
 def test_missing_data_names_the_command_that_makes_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="results run --only final"):
-        results.load_runs("final", tmp_path)
+        studies.load_runs("final", tmp_path)
 
 
 def test_run_refuses_an_unknown_study_before_running_anything(capsys):
@@ -150,6 +150,6 @@ def test_sophiah_defaults_to_the_authors_gamma_h():
     p = torch.nn.Parameter(torch.zeros(2))
     assert SophiaH([p]).defaults["rho"] == 0.01
     assert OPTIMIZER_DEFAULTS["sophiah"]["rho"] == 0.01
-    page = (results.ROOT / "docs/hyperparameters.md").read_text()
+    page = (studies.ROOT / "docs/hyperparameters.md").read_text()
     assert 'data-value="api.sophiah.rho"' in page
     assert 'data-value="train.sophiah.rho"' in page

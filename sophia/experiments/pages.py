@@ -6,12 +6,12 @@ summary: The tables and the numbers quoted in sentences on the results, hyperpar
 
 Every table of the [results](../../results.md) page, and every number a sentence
 there (or on the hyperparameters, landing and algorithm pages) quotes, is computed
-here from the [documented runs' data](results.html). In a page, a table lives between
+here from the [documented runs' data](studies.html). In a page, a table lives between
 `<!-- results: NAME -->` and `<!-- /results -->`, each on a line of its own, and a
 number in a sentence in `<span data-value="NAME">...</span>` (a comment would end the
 paragraph where a line starts with one; a span does not, and shows nothing).
-`python -m sophia.experiments.results write` replaces what stands between the markers,
-and nothing else; `check` compares.
+[`python -m sophia.experiments.results write`](results.html) replaces what stands
+between the markers, and nothing else; `check` compares.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from ..optimizer import SophiaG, SophiaH
 from .compare import _by_optimizer, _mean_curve, plot, steps_to_reach, summarize
 from .config import OPTIMIZER_DEFAULTS
-from .results import (
+from .studies import (
     LR_SWEEP,
     ROOT,
     SOPHIAG_GRID,
