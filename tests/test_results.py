@@ -51,10 +51,12 @@ def test_the_measurement_and_the_comparison_agree():
         )
 
 
-def test_every_block_is_on_a_page_and_every_page_has_blocks():
+def test_every_block_and_value_is_on_a_page_and_every_page_has_some():
     text = "".join((studies.ROOT / p).read_text() for p in pages.PAGES)
     used = {m.group(2) for m in pages.BLOCK.finditer(text)}
     assert used == set(pages.BLOCKS)
+    quoted = {m.group(2) for m in pages.VALUE.finditer(text)}
+    assert quoted == set(pages.values(studies.ROOT))
     for page in pages.PAGES:
         body = (studies.ROOT / page).read_text()
         assert pages.BLOCK.search(body) or pages.VALUE.search(body), page

@@ -48,6 +48,7 @@ from .train import (
     make_optimizer,
     refresh_hessian,
     train,
+    train_batch,
     train_step,
 )
 
@@ -165,10 +166,7 @@ def _time_one_round(
     config, gens, model, opt, params = setup
 
     def batch(stream: str) -> tuple[Tensor, Tensor]:
-        size, context = config.batch_size, config.context
-        return corpus.batch(
-            "train", size, context, generator=gens[stream], device=device
-        )
+        return train_batch(corpus, config, gens[stream], device)
 
     def steps() -> None:
         for _ in range(config.hess_interval):

@@ -279,6 +279,21 @@ def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
     return value, time.perf_counter() - start
 
 
+# A training batch: `batch_size` sequences of `context` tokens, drawn from the
+# training split with `generator` (the `train` stream for a step, `hessian` for a
+# refresh).
+def train_batch(
+    corpus: Corpus,
+    config: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    r"""One batch of the training split, drawn with `generator`."""
+    return corpus.batch(
+        "train", config.batch_size, config.context, generator=generator, device=device
+    )
+
+
 # ## Evaluation
 #
 # The mean loss over `eval_iters` validation batches, the same batches every time
@@ -444,10 +459,7 @@ def train(config: TrainConfig, *, corpus: Corpus | None = None) -> RunResult:
     k = config.hess_interval
 
     def batch(stream: str) -> tuple[Tensor, Tensor]:
-        size, context = config.batch_size, config.context
-        return corpus.batch(
-            "train", size, context, generator=gens[stream], device=device
-        )
+        return train_batch(corpus, config, gens[stream], device)
 
     # Evaluations run outside the timed regions: they cost every optimizer the same.
     def record_eval(step: int) -> None:

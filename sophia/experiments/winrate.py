@@ -50,6 +50,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..hessian import gnb_loss, hutchinson
+from ..reference import unclipped_count_reference
 from .config import REFRESHING, TrainConfig, parse_device
 from .data import Corpus, load_corpus
 from .train import (
@@ -58,6 +59,7 @@ from .train import (
     evaluate,
     make_optimizer,
     refresh_hessian,
+    train_batch,
     train_step,
 )
 
@@ -100,13 +102,7 @@ def run(
     win_rates: list[float] = []
 
     def batch(stream: str) -> tuple[Tensor, Tensor]:
-        return corpus.batch(
-            "train",
-            config.batch_size,
-            config.context,
-            generator=gens[stream],
-            device=device,
-        )
+        return train_batch(corpus, config, gens[stream], device)
 
     for step in range(config.steps):
         for group in opt.param_groups:
@@ -162,14 +158,10 @@ def _summary(result: Run, config: TrainConfig) -> dict[str, Any]:
 
 # ## 4. Sophia-H's $h$, and the curvature's scale
 #
-# The concatenation of every parameter's `state["hessian"]`.
-def _h(opt: torch.optim.Optimizer) -> Tensor:
+# The concatenation of one state entry (`"hessian"`, `"exp_avg"`) of every parameter.
+def _state(opt: torch.optim.Optimizer, key: str) -> Tensor:
     return torch.cat(
-        [
-            opt.state[p]["hessian"].flatten()
-            for g in opt.param_groups
-            for p in g["params"]
-        ]
+        [opt.state[p][key].flatten() for g in opt.param_groups for p in g["params"]]
     )
 
 
@@ -185,13 +177,7 @@ def fresh_estimate(result: Run, config: TrainConfig, corpus: Corpus, kind: str, 
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.zeros(sum(p.numel() for p in params))
     for _ in range(n):
-        x, y = corpus.batch(
-            "train",
-            config.batch_size,
-            config.context,
-            generator=gens["hessian"],
-            device=device,
-        )
+        x, y = train_batch(corpus, config, gens["hessian"], device)
         if kind == "hutchinson":
             with sdpa_kernel(SDPBackend.MATH):
                 _, loss = model(x, y)
@@ -210,19 +196,15 @@ def sophiah_curvature(
 ) -> dict[str, Any]:
     r"""Sophia-H's $h$ at the end of a run against fresh estimates at its weights."""
     result = run(config, corpus)
-    h = _h(result.optimizer)
-    # Which coordinates win: $\lvert m \rvert < \rho h$ (`bs=1`); a negative $h$ never
-    # does, since its bound is $\epsilon$.
+    h, m = _state(result.optimizer, "hessian"), _state(result.optimizer, "exp_avg")
+    # Which of the coordinates with $h > 0$ win, by the optimizer's own count,
+    # $\lvert m \rvert < \max(\rho h, \epsilon)$ (`bs=1`); a negative $h$ never does,
+    # since its bound is $\epsilon$. Every group has the same $\rho$ and $\epsilon$.
     group = result.optimizer.param_groups[0]
-    m = torch.cat(
-        [
-            result.optimizer.state[p]["exp_avg"].flatten()
-            for g in result.optimizer.param_groups
-            for p in g["params"]
-        ]
-    )
-    wins = m.abs() < torch.clamp(group["rho"] * h, min=group["eps"])
     positive = h > 0
+    wins, total = unclipped_count_reference(
+        [m[positive]], [h[positive]], rho=group["rho"], bs=1, eps=group["eps"]
+    )
     hutch = fresh_estimate(result, config, corpus, "hutchinson", probes)
     gnb = fresh_estimate(result, config, corpus, "gnb", probes)
     return dict(
@@ -233,7 +215,7 @@ def sophiah_curvature(
         h_negative_share=float((h < 0).float().mean()),
         h_sum=float(h.sum()),
         h_abs_sum=float(h.abs().sum()),
-        wins_among_positive=float(wins[positive].float().mean()),
+        wins_among_positive=wins / total,
         probes=probes,
         hutchinson_sum=float(hutch.sum()),
         hutchinson_negative_share=float((hutch < 0).float().mean()),
