@@ -53,6 +53,7 @@ __all__ = [
     "fused_supports",
     "hessian_ema_fused",
     "load_extension",
+    "nonfinite_check_fused",
     "sophiag_fused",
 ]
 
@@ -371,6 +372,25 @@ def sophiag_fused(
             )
     # `param` and `exp_avg` were written; `grad` and `hessian` only read.
     _mark_written(lists["params"] + lists["exp_avgs"])
+
+
+# ## The non-finite check
+#
+# Before a step, the [non-finite rule](nonfinite.html) asks whether a gradient holds a
+# NaN or an infinity. For fused groups the kernel's own check answers: one read of
+# each gradient per `(device, dtype)` group, no write but the flag, which
+# `sophiag_fused` then takes as `found_inf`. The caller has checked the tensors
+# (plain, contiguous, of a storage dtype) and zeroed `found`.
+def nonfinite_check_fused(tensors: list[Tensor], found: Tensor) -> None:
+    r"""Set `found` (one `float32` on the tensors' device) to one if an element of
+    `tensors` is NaN or infinite; otherwise leave it as it is."""
+    if not tensors:
+        return
+    extensions = _extensions(tensors)
+    for (device, _dtype), (group,) in group_by_device_and_dtype(tensors).items():
+        stream, on_device = _stream_and_device(device)
+        with on_device:
+            extensions[device.type].nonfinite_check(group, found, stream)
 
 
 # ## The Hessian EMA

@@ -37,14 +37,23 @@ CHECKED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # ## The flag
 #
-# `torch._amp_foreach_non_finite_check_and_unscale_`, the pass a `GradScaler` makes,
-# with a scale of one: per `(device, dtype)`, one multi-tensor pass that reads each
-# element once and sets the device's flag if one is not finite, with no wait for the
-# device. With a scale of one it stores every finite value back bit for bit (the
-# multiplication is not done; a half-precision NaN may come back as another NaN), so
-# it is given only tensors it may store into (contiguous, not an inference tensor);
-# any other is checked out of place.
-def found_nonfinite(tensors: Sequence[Tensor]) -> dict[torch.device, Tensor]:
+# Two passes can make it, each reading every element once and setting the device's
+# flag with no wait for the device:
+#
+# * with `kernel=True` (every group of the step fused), the
+#   [fused kernel's own check](fused.html#the-non-finite-check), which reads and does
+#   not write, so it moves a sixth of a fused step's bytes;
+# * otherwise `torch._amp_foreach_non_finite_check_and_unscale_`, the pass a
+#   `GradScaler` makes, with a scale of one: per `(device, dtype)`, one multi-tensor
+#   pass. It also stores every finite value back, bit for bit (the multiplication is
+#   not done; a half-precision NaN may come back as another NaN), so it is given only
+#   tensors it may store into.
+#
+# A tensor neither takes (not contiguous, or an inference tensor for the second) is
+# checked out of place.
+def found_nonfinite(
+    tensors: Sequence[Tensor], *, kernel: bool = False
+) -> dict[torch.device, Tensor]:
     r"""Per device, a one-element `float32` tensor, non-zero if an element of
     `tensors` on that device is NaN or infinite. Does not wait for the device."""
     flags: dict[torch.device, Tensor] = {}
@@ -55,16 +64,21 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> dict[torch.device, Tensor]:
         flag = flags.setdefault(
             local.device, torch.zeros(1, dtype=torch.float32, device=local.device)
         )
-        in_place = (
+        pass_takes_it = (
             local.dtype in CHECKED_DTYPES
             and local.is_contiguous()
-            and not local.is_inference()
+            and (kernel or not local.is_inference())
         )
-        if in_place:
+        if pass_takes_it:
             groups.setdefault((local.device, local.dtype), []).append(local)
         elif local.numel():
             flag.add_((~torch.isfinite(local)).any())
     for (device, _dtype), group in groups.items():
+        if kernel:
+            from .fused import nonfinite_check_fused
+
+            nonfinite_check_fused(group, flags[device])
+            continue
         one = torch.ones(1, dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, flags[device], one)
     return flags
@@ -72,10 +86,10 @@ def found_nonfinite(tensors: Sequence[Tensor]) -> dict[torch.device, Tensor]:
 
 # `True` if every element of every tensor is finite: the flags read on the host (one
 # wait per device), and, under FSDP, agreed by every process that holds a shard.
-def _all_finite(tensors: Sequence[Tensor]) -> bool:
+def _all_finite(tensors: Sequence[Tensor], *, kernel: bool = False) -> bool:
     if not tensors:
         return True
-    flags = found_nonfinite(tensors)
+    flags = found_nonfinite(tensors, kernel=kernel)
     found = torch.stack([f.reshape(()).cpu() for f in flags.values()]).max()
     found = (found != 0).float()
     found = _agree_across_shards(found, tensors)
@@ -92,6 +106,11 @@ def should_check(nonfinite: str) -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+# Whether every group of a plan is fused, so that the kernel's check may look.
+def all_fused(plan: list[tuple]) -> bool:
+    return all(impl == "fused" for _, _, _, impl in plan)
+
+
 # The rule over the planned tensors of a step or of a refresh (`refresh`), for
 # `optimizer`: `False` to go on, `True` to skip (counted), or a `FloatingPointError`
 # naming the first bad gradient, or entry of `estimates` when given.
@@ -99,7 +118,9 @@ def skip_nonfinite(
     optimizer: Any, plan: list[tuple], *, refresh: bool, estimates: list | None = None
 ) -> bool:
     tensors = [t for _, _, group_tensors, _ in plan for t in group_tensors]
-    if not should_check(optimizer.nonfinite) or _all_finite(tensors):
+    if not should_check(optimizer.nonfinite):
+        return False
+    if _all_finite(tensors, kernel=all_fused(plan)):
         return False
     if optimizer.nonfinite == "skip":
         if refresh:
@@ -140,7 +161,7 @@ def device_flag(optimizer: Any, plan: list[tuple]) -> Tensor | None:
         or any(hasattr(t, "device_mesh") for t in tensors)
     ):
         return None
-    (flag,) = found_nonfinite(tensors).values()
+    (flag,) = found_nonfinite(tensors, kernel=all_fused(plan)).values()
     pending = optimizer.__dict__.get("_device_skips")
     skipped = (flag != 0).to(torch.float32)
     optimizer._device_skips = skipped if pending is None else pending + skipped

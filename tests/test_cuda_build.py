@@ -100,4 +100,6 @@ def test_the_cuda_extension_builds_and_imports_against_the_cuda_torch(tmp_path):
     assert lines["cuda"] != "None", f"{python}'s torch is not a CUDA build"
     assert "sophia_fused_cuda" in lines["module"]
     assert str(tmp_path) in lines["module"], "the extension was not built afresh"
-    assert {"fused_step", "hessian_ema"} <= set(lines["functions"].split())
+    assert {"fused_step", "hessian_ema", "nonfinite_check"} <= set(
+        lines["functions"].split()
+    )

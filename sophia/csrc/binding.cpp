@@ -188,6 +188,20 @@ void hessian_ema(const TensorLists& lists, const double beta2, const bool square
     check_status(fn, entry(&tensors, &args, reinterpret_cast<void*>(stream)));
 }
 
+// `found` is set to one if an element of `grads` is a NaN or an infinity, and is not
+// written otherwise; the tensors are only read.
+void nonfinite_check(const std::vector<at::Tensor>& grads, const at::Tensor& found, const int64_t stream) {
+    const char* fn = "sophia nonfinite_check";
+    const Lists checked = check_lists(fn, {grads}, {"grads"});
+    if (grads.empty()) {
+        return;
+    }
+    const float* address = scalar_address(fn, "found", found, grads[0]);
+    const SophiaCheckArgs args = {const_cast<float*>(address)};
+    const SophiaTensorLists tensors = checked.c();
+    check_status(fn, sophia_nonfinite_check(&tensors, &args, reinterpret_cast<void*>(stream)));
+}
+
 // ## For the tests' build
 //
 // `convert(src, dtype, stream)`: `src` (`float32`) rounded to `dtype` by the kernel's
@@ -235,6 +249,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("hessian_ema", &hessian_ema<sophia_fused_hessian_ema>,
           "Fold [hessians, estimates] of one device and dtype into the Hessian EMA.", py::arg("lists"),
           py::arg("beta2"), py::arg("square"), py::arg("stream"));
+    m.def("nonfinite_check", &nonfinite_check,
+          "Set found (one float32 on the grads' device) to 1 if an element of grads is NaN or infinite.",
+          py::arg("grads"), py::arg("found"), py::arg("stream"));
 #if defined(SOPHIA_TESTING)
     m.def("simple_step", &step<sophia_simple_step>, "fused_step with the plain kernel.");
     m.def("simple_hessian_ema", &hessian_ema<sophia_simple_hessian_ema>, "hessian_ema with the plain kernel.");

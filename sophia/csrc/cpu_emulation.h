@@ -9,7 +9,7 @@ header, then includes the CUDA launcher and kernel **source files themselves**, 
 C++ compiler compiles the very code that `nvcc` compiles for the GPU. This header
 supplies what that code needs from CUDA: the function qualifiers (as plain inline
 functions), the thread indices (as variables the launch loop sets), the rounding
-intrinsics and the half types bit for bit as on the GPU, and the launch,
+intrinsics, the bit casts and the half types bit for bit as on the GPU, and the launch,
 `SOPHIA_LAUNCH(kernel, grid, block, stream, args...)`, as a loop over the blocks of the
 grid and, inside each, over the threads of the block.
 
@@ -70,6 +70,18 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+
+// The bits of a value, as an integer of its width (the non-finite check reads them).
+inline unsigned int __float_as_uint(float x) {
+    unsigned int u;
+    std::memcpy(&u, &x, sizeof u);
+    return u;
+}
+inline long long __double_as_longlong(double x) {
+    long long u;
+    std::memcpy(&u, &x, sizeof u);
+    return u;
+}
 
 // ## Half types
 //
@@ -168,6 +180,18 @@ inline __half __float2half_rn(float f) {
         ++h;
     }
     return __half{static_cast<uint16_t>(sign | h)};
+}
+
+// ## The check's flag
+//
+// Blocks may run on several OpenMP threads, and any of them may set the flag; the
+// store is then an atomic write, so that two threads storing the same one are not a
+// data race in C++'s sense.
+inline void sophia_set_flag(float* flag) {
+#if defined(_OPENMP)
+#pragma omp atomic write
+#endif
+    *flag = 1.0f;
 }
 
 // ## Errors

@@ -28,7 +28,9 @@ It is plain CUDA C++ with no PyTorch header, in three parts:
 
 Every kernel here keeps one rule: **each thread reads and writes only its own
 elements**. No shared memory, no `__syncthreads`, no atomics, no warp shuffles, no
-communication between threads of any kind. Nothing in Sophia's step needs it (the
+communication between threads of any kind. (One write is shared, and harmless: the
+non-finite check's flag, which a thread sets to one and no thread of the launch reads;
+every writer stores the same value, so the order does not matter.) Nothing in Sophia's step needs it (the
 update of one coordinate depends on that coordinate alone), and the rule buys two
 things. The kernels are correct for any grid and block size and any order in which
 the threads run. And so the [CPU emulation](cpu_emulation.html) may run this very
@@ -46,13 +48,15 @@ report.
 
 #include "sophia_launcher.h"
 
-// On the GPU the half types come from the CUDA headers. Under the CPU emulation,
-// `cpu_emulation.h` (included before this file) defines host types with the same
-// names and bit-exact conversions; this is the one place this file differs between
-// the two builds.
+// On the GPU the half types come from the CUDA headers, and the check's flag is set
+// with a plain store. Under the CPU emulation, `cpu_emulation.h` (included before this
+// file) defines host types with the same names and bit-exact conversions, and a store
+// its OpenMP threads may share; this is the one place this file differs between the
+// two builds.
 #if !defined(SOPHIA_CPU_EMULATION)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+__device__ __forceinline__ void sophia_set_flag(float* flag) { *flag = 1.0f; }
 #endif
 
 namespace sophia {
@@ -130,6 +134,7 @@ __device__ __forceinline__ double fma_rn(double a, double b, double c) { return 
 // `torch.amp.GradScaler`, and `found_inf` (nullable) its overflow flag; see below.
 using StepArgs = SophiaStepArgs;
 using EmaArgs = SophiaEmaArgs;
+using CheckArgs = SophiaCheckArgs;
 
 // Reference: `_in_range(rho * bs, ...)` and `_in_range(eps, ...)`: a number above the
 // working type's largest value becomes that value, one that would round to zero its
@@ -374,12 +379,16 @@ struct TensorListMetadata {
 };
 
 // The step has four lists (`param`, `grad`, `exp_avg`, `hessian`), the EMA two
-// (`hessian`, `estimate`). A block's tensor index must fit its byte in the table.
+// (`hessian`, `estimate`), the non-finite check one (`grad`). A block's tensor index
+// must fit its byte in the table.
 static_assert(sizeof(TensorListMetadata<4>) + sizeof(int64_t) + sizeof(StepArgs) <= kKernelParamBytes,
               "the step's kernel arguments must fit the kernel parameter bank");
 static_assert(sizeof(TensorListMetadata<2>) + sizeof(int64_t) + sizeof(EmaArgs) <= kKernelParamBytes,
               "the EMA's kernel arguments must fit the kernel parameter bank");
-static_assert(max_tensors_per_launch(2) <= 256 && max_tensors_per_launch(4) <= 256,
+static_assert(sizeof(TensorListMetadata<1>) + sizeof(int64_t) + sizeof(CheckArgs) <= kKernelParamBytes,
+              "the check's kernel arguments must fit the kernel parameter bank");
+static_assert(max_tensors_per_launch(1) <= 256 && max_tensors_per_launch(2) <= 256 &&
+                  max_tensors_per_launch(4) <= 256,
               "block_to_tensor holds a tensor index in one byte");
 static_assert(kChunkSize % kILP == 0, "a chunk must start on a vector boundary");
 
@@ -442,7 +451,7 @@ __device__ __forceinline__ void store_vector(T* dst, const T (&src)[kILP]) {
 // updates it and stores it: the invariant.
 template <typename T, int depth, typename Op>
 __device__ __forceinline__ void multi_tensor_chunk(const TensorListMetadata<depth>& meta, const int64_t chunk_size,
-                                                   const Op& op) {
+                                                   Op& op) {
     using opmath_t = typename OpMath<T>::type;
     const int tensor = meta.block_to_tensor[blockIdx.x];
     const int64_t offset = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * chunk_size;
@@ -519,11 +528,12 @@ __device__ __forceinline__ void multi_tensor_chunk(const TensorListMetadata<dept
     }
 }
 
-// ### The two operations
+// ### The three operations
 //
 // The step's lists are, in order, `param`, `grad`, `exp_avg`, `hessian` (the order of
 // the reference's arguments); it writes `param` and `exp_avg`. The EMA's are
-// `hessian`, `estimate`; it writes `hessian`.
+// `hessian`, `estimate`; it writes `hessian`. The check's one list is the gradients,
+// which it only reads.
 template <typename opmath_t>
 struct SophiaStepOp {
     StepCoefficients<opmath_t> c;
@@ -538,6 +548,40 @@ struct HessianEmaOp {
     __device__ __forceinline__ void operator()(opmath_t (&x)[2]) const { hessian_ema_element(x[0], x[1], c); }
 };
 
+// Is an element a NaN or an infinity? They are the values whose exponent bits are all
+// ones, so adding one to a value's exponent field carries into the sign bit for them
+// and for no other value. The thread `or`s those sums into `found`, and its answer is
+// the top bit: integer operations with no branch and no comparison, which a C++
+// compiler vectorizes. A half-precision value is tested in working precision, where
+// the conversion keeps NaNs and infinities what they are.
+template <typename opmath_t>
+struct Bits;
+template <>
+struct Bits<float> {
+    using type = uint32_t;
+    static constexpr type exponent = 0x7f800000u;
+    static constexpr type exponent_one = 0x00800000u;
+    __device__ __forceinline__ static type of(float x) { return __float_as_uint(x); }
+};
+template <>
+struct Bits<double> {
+    using type = uint64_t;
+    static constexpr type exponent = 0x7ff0000000000000ull;
+    static constexpr type exponent_one = 0x0010000000000000ull;
+    __device__ __forceinline__ static type of(double x) { return static_cast<type>(__double_as_longlong(x)); }
+};
+
+template <typename opmath_t>
+struct NonfiniteCheckOp {
+    using B = Bits<opmath_t>;
+    typename B::type found;
+    __host__ __device__ static constexpr bool writes(int) { return false; }
+    __device__ __forceinline__ void operator()(opmath_t (&x)[1]) {
+        found |= (B::of(x[0]) & B::exponent) + B::exponent_one;
+    }
+    __device__ __forceinline__ bool any() const { return (found >> (8 * sizeof(found) - 1)) != 0; }
+};
+
 // ### The kernels
 //
 // One block per chunk, as listed in `meta`. A skipped step (`found_inf`) returns
@@ -549,7 +593,7 @@ __global__ void __launch_bounds__(kBlockSize)
     if (step_skipped(args.found_inf)) {
         return;
     }
-    const SophiaStepOp<opmath_t> op{make_step_coefficients<opmath_t>(args)};
+    SophiaStepOp<opmath_t> op{make_step_coefficients<opmath_t>(args)};
     multi_tensor_chunk<T>(meta, chunk_size, op);
 }
 
@@ -557,8 +601,23 @@ template <typename T>
 __global__ void __launch_bounds__(kBlockSize)
     hessian_ema_multi_tensor_kernel(const TensorListMetadata<2> meta, const int64_t chunk_size, const EmaArgs args) {
     using opmath_t = typename OpMath<T>::type;
-    const HessianEmaOp<opmath_t> op{make_ema_coefficients<opmath_t>(args)};
+    HessianEmaOp<opmath_t> op{make_ema_coefficients<opmath_t>(args)};
     multi_tensor_chunk<T>(meta, chunk_size, op);
+}
+
+// The check: every thread reads its elements of the gradients, and one that found a
+// NaN or an infinity sets `args.found` to one. Nothing else is written, so the flag is
+// the whole output, and the step that follows takes it as `found_inf`.
+template <typename T>
+__global__ void __launch_bounds__(kBlockSize)
+    nonfinite_check_multi_tensor_kernel(const TensorListMetadata<1> meta, const int64_t chunk_size,
+                                        const CheckArgs args) {
+    using opmath_t = typename OpMath<T>::type;
+    NonfiniteCheckOp<opmath_t> op{0};
+    multi_tensor_chunk<T>(meta, chunk_size, op);
+    if (op.any()) {
+        sophia_set_flag(args.found);
+    }
 }
 
 // ## For the tests: storage conversions alone

@@ -18,8 +18,8 @@ to each chunk, launching the kernel whenever the table is full:
 For example, with room for two blocks per launch, tensors of 1, 3 and 1 chunks launch
 as `[a0 b0] [b1 b2] [c0]`, and `b` appears in the first two tables.
 
-The step and the Hessian EMA share every line here: they differ in their argument
-struct, which picks the kernel and the number of lists. The [CPU build](launcher_cpu.html)
+The step, the Hessian EMA and the non-finite check share every line here: they differ
+in their argument struct, which picks the kernel and the number of lists. The [CPU build](launcher_cpu.html)
 compiles this same text as C++, where only `SOPHIA_LAUNCH` (a real launch here, a loop
 there) and the default block size differ; see
 [how the fused kernel is built](../../engineering/kernel.md).
@@ -181,6 +181,11 @@ auto multi_tensor_kernel(const EmaArgs&) {
     return hessian_ema_multi_tensor_kernel<T>;
 }
 
+template <typename T>
+auto multi_tensor_kernel(const CheckArgs&) {
+    return nonfinite_check_multi_tensor_kernel<T>;
+}
+
 struct MultiTensor {
     template <int depth, typename Args>
     static int launch(void (*kernel)(TensorListMetadata<depth>, int64_t, Args), const SophiaTensorLists& tensors,
@@ -303,6 +308,10 @@ int sophia_fused_step(const SophiaTensorLists* tensors, const SophiaStepArgs* ar
 
 int sophia_fused_hessian_ema(const SophiaTensorLists* tensors, const SophiaEmaArgs* args, void* stream) {
     return sophia::entry<sophia::MultiTensor>("sophia_fused_hessian_ema", tensors, args, stream);
+}
+
+int sophia_nonfinite_check(const SophiaTensorLists* tensors, const SophiaCheckArgs* args, void* stream) {
+    return sophia::entry<sophia::MultiTensor>("sophia_nonfinite_check", tensors, args, stream);
 }
 
 const char* sophia_last_error(void) { return sophia::last_error; }

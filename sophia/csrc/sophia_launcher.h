@@ -1,7 +1,7 @@
 /*
 ---
 title: The launcher's C interface
-summary: Three argument structs and two entry points; pointers in, an error code out. No PyTorch.
+summary: Four argument structs and three entry points; pointers in, an error code out. No PyTorch.
 ---
 
 The [binding](binding.html) fills these structs and calls these functions; the
@@ -34,7 +34,8 @@ extern "C" {
 // The tensors of one call, all contiguous and of one storage type `dtype` (`0` =
 // `float32`, `1` = `float16`, `2` = `bfloat16`, `3` = `float64`). `lists[d][t]` is the
 // address of tensor `t` in list `d`, which has `numels[t]` elements. The step's lists
-// are `param`, `grad`, `exp_avg`, `hessian`; the EMA's are `hessian`, `estimate`.
+// are `param`, `grad`, `exp_avg`, `hessian`; the EMA's are `hessian`, `estimate`; the
+// non-finite check's, `grad` alone.
 typedef struct SophiaTensorLists {
     int dtype;
     int n_tensors;
@@ -63,11 +64,19 @@ typedef struct SophiaEmaArgs {
     int square;
 } SophiaEmaArgs;
 
+// The check's one output: a `float` in device memory, set to one if an element is a
+// NaN or an infinity, and otherwise not written (the caller zeroes it).
+typedef struct SophiaCheckArgs {
+    float* found;
+} SophiaCheckArgs;
+
 // ## The entry points
 //
-// `sophiag_reference` and `hessian_ema_reference`, for every tensor of the lists.
+// `sophiag_reference` and `hessian_ema_reference`, for every tensor of the lists, and
+// the look for NaNs and infinities that comes before a step.
 SOPHIA_API int sophia_fused_step(const SophiaTensorLists* tensors, const SophiaStepArgs* args, void* stream);
 SOPHIA_API int sophia_fused_hessian_ema(const SophiaTensorLists* tensors, const SophiaEmaArgs* args, void* stream);
+SOPHIA_API int sophia_nonfinite_check(const SophiaTensorLists* tensors, const SophiaCheckArgs* args, void* stream);
 
 // What the last failed call on this host thread reported.
 SOPHIA_API const char* sophia_last_error(void);
