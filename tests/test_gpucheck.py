@@ -275,8 +275,15 @@ def test_the_benchmark_check_reports_its_figures(tmp_path):
         figures = failure.figures
     for key in ("SophiaG(fused=True) of copy", "fused / AdamW foreach", "copy GB/s"):
         assert key in figures, key
-    assert (tmp_path / "benchmark.txt").read_text().startswith("sophia.benchmark")
-    assert json.loads((tmp_path / "benchmark.json").read_text())["params"] == 20_000
+        assert f"unchecked: {key}" in figures, key
+    for stem, nonfinite in (
+        ("benchmark", "raise"),
+        ("benchmark-unchecked", "unchecked"),
+    ):
+        table = (tmp_path / f"{stem}.txt").read_text()
+        assert table.startswith("sophia.benchmark")
+        assert f"nonfinite='{nonfinite}'" in table
+        assert json.loads((tmp_path / f"{stem}.json").read_text())["params"] == 20_000
 
 
 # A checkout of two tests, one marked `cuda`: the check runs only that one, and

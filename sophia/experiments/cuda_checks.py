@@ -389,47 +389,68 @@ def no_host_sync(ctx: Context) -> dict:
 
 # ## The benchmark
 #
-# `python -m sophia.benchmark` at the size of GPT-2 small, its table kept beside the
-# report. The targets are the benchmark's own: the fused step at 85% or more of copy
-# bandwidth and faster than PyTorch's fused AdamW, the foreach step no slower than
-# AdamW's foreach step.
+# `python -m sophia.benchmark` at the size of GPT-2 small, twice: with the default
+# non-finite check, and with `nonfinite="unchecked"`, the update alone, which moves
+# the bytes the bandwidth column counts. The tables are kept beside the report. The
+# targets: with the check, the fused step no slower than PyTorch's fused AdamW; without
+# it, at most 0.9 of fused AdamW's time and at 85% or more of copy bandwidth, and the
+# foreach step no slower than AdamW's foreach step.
 FUSED_MIN_OF_COPY = 0.85
+FUSED_OVER_ADAMW_FUSED = {"raise": 1.0, "unchecked": 0.9}
 
 
-def benchmark(ctx: Context) -> dict:
+def _benchmark_run(ctx: Context, nonfinite: str) -> dict:
     from . import benchmark as bench
 
+    stem = "benchmark" if nonfinite == "raise" else f"benchmark-{nonfinite}"
     argv = ["--device", str(ctx.device), "--params", str(ctx.bench_params)]
-    argv += [
-        "--tensors",
-        str(ctx.bench_tensors),
-        "--json",
-        str(ctx.out / "benchmark.json"),
-    ]
-    with (ctx.out / "benchmark.txt").open("w") as table:
+    argv += ["--tensors", str(ctx.bench_tensors), "--nonfinite", nonfinite]
+    argv += ["--json", str(ctx.out / f"{stem}.json")]
+    with (ctx.out / f"{stem}.txt").open("w") as table:
         with contextlib.redirect_stdout(table):
-            results = bench.main(argv)
+            return bench.main(argv)
+
+
+# One run's figures (keys prefixed but for the default run), and the targets it
+# missed.
+def _benchmark_figures(results: dict, nonfinite: str) -> tuple[dict, list[str]]:
+    from . import benchmark as bench
+
     rows = results["results"]
     if bench.FUSED_SOPHIA not in rows:
         reason = results["unavailable"].get(bench.FUSED_SOPHIA, "not run")
         raise CheckFailed(f"{bench.FUSED_SOPHIA} did not run: {reason}")
-    figures = {"copy GB/s": results["copy_bandwidth_gbs"]}
+    prefix = "" if nonfinite == "raise" else f"{nonfinite}: "
+    figures = {f"{prefix}copy GB/s": results["copy_bandwidth_gbs"]}
     for name, row in rows.items():
-        figures[f"{name} ms/step"] = row["median_ms"]
-        figures[f"{name} of copy"] = row["bandwidth_fraction"]
+        figures[f"{prefix}{name} ms/step"] = row["median_ms"]
+        figures[f"{prefix}{name} of copy"] = row["bandwidth_fraction"]
     fused, foreach = rows[bench.FUSED_SOPHIA], rows["SophiaG(foreach=True)"]
     baseline = rows[bench.BASELINE]["median_ms"]
-    figures["fused / AdamW foreach"] = fused["median_ms"] / baseline
-    figures["foreach / AdamW foreach"] = foreach["median_ms"] / baseline
-    missed = []
+    figures[f"{prefix}fused / AdamW foreach"] = fused["median_ms"] / baseline
+    figures[f"{prefix}foreach / AdamW foreach"] = foreach["median_ms"] / baseline
+    missed, target = [], FUSED_OVER_ADAMW_FUSED[nonfinite]
     if bench.FUSED_ADAMW in rows:
         ratio = fused["median_ms"] / rows[bench.FUSED_ADAMW]["median_ms"]
-        figures["fused / AdamW fused"] = ratio
-        missed += [] if ratio < 1 else ["fused not faster than AdamW fused"]
-    if fused["bandwidth_fraction"] < FUSED_MIN_OF_COPY:
-        missed.append(f"fused under {FUSED_MIN_OF_COPY:.0%} of copy bandwidth")
-    if figures["foreach / AdamW foreach"] > 1:
-        missed.append("foreach slower than AdamW foreach")
+        figures[f"{prefix}fused / AdamW fused"] = ratio
+        if ratio > target:
+            missed.append(f"{prefix}fused over {target}x AdamW fused")
+    if nonfinite == "unchecked":
+        if fused["bandwidth_fraction"] < FUSED_MIN_OF_COPY:
+            missed.append(f"{prefix}fused under {FUSED_MIN_OF_COPY:.0%} of copy")
+        if figures[f"{prefix}foreach / AdamW foreach"] > 1:
+            missed.append(f"{prefix}foreach slower than AdamW foreach")
+    return figures, missed
+
+
+def benchmark(ctx: Context) -> dict:
+    figures, missed = {}, []
+    for nonfinite in FUSED_OVER_ADAMW_FUSED:
+        run_figures, run_missed = _benchmark_figures(
+            _benchmark_run(ctx, nonfinite), nonfinite
+        )
+        figures.update(run_figures)
+        missed += run_missed
     if missed:
         raise CheckFailed("; ".join(missed), figures)
     return figures
