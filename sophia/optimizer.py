@@ -77,8 +77,9 @@ from .checks import _default_foreach as _default_foreach
 from .checks import _implementation as _implementation
 
 # The implementations share one signature (that of `sophiag_reference`), so the step
-# picks one by name, per group. The fused module is imported only where it is used: a
-# user who never asks for the kernel never loads the code that builds it.
+# picks one by name, per group. The fused module is imported only where it is used
+# (a foreach step handed a flag borrows its step counting): a user who never asks for
+# the kernel never builds it.
 from .foreach import hessian_ema_foreach, sophiag_foreach
 from .hessian import hutchinson
 from .loading import _adopt_foreign, _check_state_dict
