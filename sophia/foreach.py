@@ -17,14 +17,16 @@ Two constraints shape it:
   the tensors by `(device, dtype)` and run the step once per group.
 * There is no Python loop over parameters in the math: every formula is one
   `torch._foreach_*` call per group. (Building the groups and, for half precision, the
-  `float32` working copies does visit each tensor once; that is bookkeeping, not math.)
+  `float32` working copies does visit each tensor once; that is bookkeeping, not math.
+  So does a step that the device may skip: PyTorch has no foreach select.)
 
-**Agreement with the reference.** The operations and their order are the reference's
-exactly. On the CPU, PyTorch evaluates a foreach op by calling the same per-tensor
-kernel on each tensor, so the two versions agree **bitwise** there (the tests assert
-equality). On a GPU the foreach kernels are separate code that may fuse a multiply and
-an add differently; there we promise (and test) $10^{-6}$ relative per element in
-`float32`.
+**Agreement with the reference.** The operations are the reference's, in its order on
+each tensor (the decay of $\theta$ comes just before $\theta$'s step: it touches no
+other tensor, so nothing can tell). On the CPU, PyTorch evaluates a foreach op by
+calling the same per-tensor kernel on each tensor, so the two versions agree
+**bitwise** there (the tests assert equality). On a GPU the foreach kernels are
+separate code that may fuse a multiply and an add differently; there we promise (and
+test) $10^{-6}$ relative per element in `float32`.
 """
 
 from __future__ import annotations
@@ -71,10 +73,43 @@ def _opmath_list(tensors: list[Tensor]) -> list[Tensor]:
     return tensors
 
 
+# ## A step the device may skip
+#
+# With `found_inf` (a one-element flag on the tensors' device, non-zero to skip: the
+# optimizer's [non-finite check](nonfinite.html#on-the-device)) the step must change
+# nothing where the flag is set, and be the unflagged step bit for bit where it is
+# zero, without the host reading the flag (a wait for the device). So the new $\theta$
+# and $m$ are computed out of place, by the same ops in the same order, and then
+# selected per tensor with `torch.where`: a select never lets a NaN of the new values
+# through, where a mask would ($\mathrm{NaN} \cdot 0 = \mathrm{NaN}$). The
+# half-precision working copies are scratch already: their new values are computed in
+# place and selected as they are rounded into storage. The new $m$ is stored before the
+# new $\theta$ is made, so no more temporaries are alive at once than without a flag;
+# the cost is one more pass over $\theta$ and $m$ (the select reads the old and the new
+# values) and two launches per tensor.
+def _scaled(
+    working: list[Tensor], storage: list[Tensor], factor: float, skip: Tensor | None
+) -> list[Tensor]:
+    if skip is not None and working is storage:
+        return torch._foreach_mul(working, factor)
+    torch._foreach_mul_(working, factor)
+    return working
+
+
+# Into `storage`, the new values `new` where `skip` is false (all of them without a
+# flag), rounded once for half precision; a skipped tensor is not changed, bit for bit.
+def _store(storage: list[Tensor], new: list[Tensor], skip: Tensor | None) -> None:
+    if skip is not None:
+        for old, value in zip(storage, new):
+            torch.where(skip, old, value.to(old.dtype), out=old)
+    elif new is not storage:
+        torch._foreach_copy_(storage, new)
+
+
 # ## The step
 #
 # Same arguments as `sophiag_reference`, for tensors that may be on several devices
-# and of several dtypes.
+# and of several dtypes, plus the flag `found_inf` (above).
 def sophiag_foreach(
     params: list[Tensor],
     grads: list[Tensor],
@@ -89,16 +124,26 @@ def sophiag_foreach(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    found_inf: Tensor | None = None,
 ) -> None:
     r"""Take one Sophia step on every tensor of `params`, one foreach op per formula
-    per group."""
+    per group; none, not even a count, where `found_inf` (a one-element tensor on
+    their device) is non-zero."""
     if not params:
         return
 
     # The step counters are scalars, often on the CPU while the parameters are on a
     # GPU: they are one group of their own, one foreach op for all of them.
-    # Reference: `step += 1`.
-    torch._foreach_add_(state_steps, 1)
+    # Reference: `step += 1`. With a flag, the count is $[\text{found\_inf} = 0]$, as
+    # the kernel counts (its function, imported here without the kernel): computed
+    # where the flag is, so that only a counter on another device waits for it.
+    if found_inf is None:
+        torch._foreach_add_(state_steps, 1)
+    else:
+        from .fused import _count_steps
+
+        _count_steps(state_steps, found_inf)
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
 
     groups = group_by_device_and_dtype(params, grads, exp_avgs, hessians)
     for group_params, group_grads, group_exp_avgs, group_hessians in groups.values():
@@ -106,20 +151,22 @@ def sophiag_foreach(
         if maximize:
             group_grads = torch._foreach_neg(group_grads)
 
-        # Reference: the working copies (`float32` for half precision).
+        # Reference: the working copies (`float32` for half precision). With a flag,
+        # the new values of $\theta$ and $m$ go where they may be dropped: the working
+        # copies if they are copies, new tensors if they are the storage.
         params_w = _opmath_list(group_params)
         grads_w = _opmath_list(group_grads)
         exp_avgs_w = _opmath_list(group_exp_avgs)
         hessians_w = _opmath_list(group_hessians)
-
-        # Reference: `param_w.mul_(1 - lr * weight_decay)`,
-        # $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$ (line 11 of Algorithm 3).
-        torch._foreach_mul_(params_w, 1 - lr * weight_decay)
+        group_skip = None if skip is None else skip.to(group_params[0].device)
 
         # Reference: `exp_avg_w.mul_(beta1).add_(grad_w, alpha=1 - beta1)`,
-        # $m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t$ (line 6 of Algorithm 3).
-        torch._foreach_mul_(exp_avgs_w, beta1)
-        torch._foreach_add_(exp_avgs_w, grads_w, alpha=1 - beta1)
+        # $m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t$ (line 6 of Algorithm 3). Stored at
+        # once, so that the new $m$ and the new $\theta$ are never both alive.
+        new_exp_avgs = _scaled(exp_avgs_w, group_exp_avgs, beta1, group_skip)
+        torch._foreach_add_(new_exp_avgs, grads_w, alpha=1 - beta1)
+        _store(group_exp_avgs, new_exp_avgs, group_skip)
+        del new_exp_avgs
 
         # Reference: `denom = (hessian_w * rho_bs).clamp_(min=...)`, with `rho_bs` and
         # `eps` kept in the working precision's range: $d_t = \max(\rho B h_t,
@@ -137,14 +184,20 @@ def sophiag_foreach(
         torch._foreach_clamp_min_(updates, -1)
         torch._foreach_clamp_max_(updates, 1)
 
-        # Reference: `param_w.add_(update, alpha=-lr)`,
-        # $\theta_t = \theta_{t-1} - \eta_t u_t$ (line 12 of Algorithm 3).
-        torch._foreach_add_(params_w, updates, alpha=-lr)
+        # Reference: `param_w.mul_(1 - lr * weight_decay)`,
+        # $\theta \leftarrow (1 - \eta_t\lambda)\,\theta$ (line 11 of Algorithm 3), then
+        # `param_w.add_(update, alpha=-lr)`,
+        # $\theta_t = \theta_{t-1} - \eta_t u_t$ (line 12). The decay comes here rather
+        # than first: it touches only $\theta$ (see the reference), and here it needs no
+        # temporary of its own beside $u_t$.
+        decay = 1 - lr * weight_decay
+        new_params = _scaled(params_w, group_params, decay, group_skip)
+        torch._foreach_add_(new_params, updates, alpha=-lr)
+        del updates
 
-        # Reference: round the working copies into storage (half precision only).
-        if params_w is not group_params:
-            torch._foreach_copy_(group_params, params_w)
-            torch._foreach_copy_(group_exp_avgs, exp_avgs_w)
+        # Reference: round the working copies into storage (half precision only), or,
+        # with a flag, keep the old $\theta$ where it is set.
+        _store(group_params, new_params, group_skip)
 
 
 # ## The Hessian EMA

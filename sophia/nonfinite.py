@@ -12,11 +12,12 @@ module is that search and what follows from it:
 * **the flag**: one pass that reads every gradient once, at the speed of memory, and
   leaves a `float32` flag per device, non-zero if any element is not finite
   (`found_nonfinite`);
-* **the decision**: on the CPU the flag is read at once, and the step raises or is
-  skipped before any write; with `fused=True` on CUDA it is *not* read: the kernel takes
-  it as `found_inf`, as under a `GradScaler`, and skips the step on the device, and the
-  skipped steps are counted on the device and reported at the next point that waits for
-  it anyway (see [the rule](../engineering/optimizer.md#non-finite-values));
+* **the decision**: on the CPU, and with the reference, the flag is read at once, and
+  the step raises or is skipped before any write; on CUDA with foreach (the default)
+  or `fused=True` it is *not* read: the step takes it as `found_inf`, as the kernel
+  takes a `GradScaler`'s, and skips itself on the device, and the skipped steps are
+  counted and reported at the next point that waits for the device anyway (see
+  [the rule](../engineering/optimizer.md#non-finite-values));
 * **the messages**, which name the first bad tensor and how many of its values are bad.
 """
 
@@ -140,16 +141,26 @@ def skip_nonfinite(
 
 # ## On the device
 #
-# With `fused=True` on CUDA, every group fused and every tensor a plain tensor on one
-# device, the flag is not read: it goes to the kernel as `found_inf`, which then
-# changes nothing (not even the step counts), and it is added to a count on the
-# device. `DEVICE_SIDE` is where this is done; the tests add `"cpu"` to run it here.
-# Sharded tensors keep the host path, whose processes must agree before any write.
+# On CUDA, when every group is fused or foreach and every tensor is a plain tensor on
+# one device, the flag is not read: it goes to the step as `found_inf` (the kernel's,
+# or the [foreach step's](foreach.html#a-step-the-device-may-skip)), which then changes
+# nothing, and the step is recorded on the optimizer to be settled later. A foreach
+# step's counters on the CPU cannot follow a flag on the device without a wait: the
+# optimizer counts them every step, and the record keeps them, to take the skipped
+# steps back off.
+# `DEVICE_SIDE` is where this is done; the tests add `"cpu"` to run it here. Sharded
+# tensors keep the host rule, whose processes must agree before any write, and so
+# does the reference (`foreach=False`): it is the spec, kept to the paper's lines.
 DEVICE_SIDE = {"cuda"}
+
+# The most steps a record holds: the next step settles them first, one wait per this
+# many steps, so that a loop that never reaches a sync point neither grows the record
+# nor hears of a NaN later than this.
+SETTLE_EVERY = 100
 
 
 def device_flag(optimizer: Any, plan: list[tuple]) -> Tensor | None:
-    r"""The flag to hand to the kernel, or `None` where the host decides."""
+    r"""The flag to hand to the step, or `None` where the host decides."""
     tensors = [t for _, _, group_tensors, _ in plan for t in group_tensors]
     devices = {t.device for t in tensors}
     if (
@@ -157,26 +168,37 @@ def device_flag(optimizer: Any, plan: list[tuple]) -> Tensor | None:
         or not should_check(optimizer.nonfinite)
         or len(devices) != 1
         or next(iter(devices)).type not in DEVICE_SIDE
-        or any(impl != "fused" for _, _, _, impl in plan)
+        or any(impl not in ("fused", "foreach") for _, _, _, impl in plan)
         or any(hasattr(t, "device_mesh") for t in tensors)
     ):
         return None
+    if len(optimizer.__dict__.get("_device_skips", ())) >= SETTLE_EVERY:
+        settle_device_skips(optimizer)
     (flag,) = found_nonfinite(tensors, kernel=all_fused(plan)).values()
-    pending = optimizer.__dict__.get("_device_skips")
-    skipped = (flag != 0).to(torch.float32)
-    optimizer._device_skips = skipped if pending is None else pending + skipped
     return flag
 
 
-# The count read at the next call that waits for the device anyway (`win_rate()`,
-# `state_dict()`, `update_hessian()`, or reading `skipped_steps`): counted in
-# `skipped_steps` under `"skip"`, a `FloatingPointError` under `"raise"`. Either way
-# those steps changed nothing.
+# A step taken with `flag`, and the counters it counted whatever the flag said.
+def record_device_step(optimizer: Any, flag: Tensor, counted: list[Tensor]) -> None:
+    optimizer.__dict__.setdefault("_device_skips", []).append((flag, counted))
+
+
+# The record, read in one wait at the next call that waits for the device anyway
+# (`win_rate()`, `state_dict()`, `update_hessian()`, reading `skipped_steps`, or the
+# step after `SETTLE_EVERY` of them): the counters of each skipped step lose the count
+# they should not have had, then the skipped steps are counted in `skipped_steps`
+# under `"skip"`, or raise a `FloatingPointError` under `"raise"`. Either way those
+# steps changed nothing.
 def settle_device_skips(optimizer: Any) -> None:
-    pending = optimizer.__dict__.pop("_device_skips", None)
-    if pending is None:
+    records = optimizer.__dict__.pop("_device_skips", None)
+    if not records:
         return
-    n = int(pending.item())
+    flags = torch.cat([flag.reshape(1) for flag, _ in records])
+    skipped = (flags != 0).tolist()
+    for was_skipped, (_, counted) in zip(skipped, records):
+        if was_skipped and counted:
+            torch._foreach_sub_(counted, 1)
+    n = sum(skipped)
     if n == 0:
         return
     if optimizer.nonfinite == "skip":

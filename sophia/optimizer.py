@@ -77,14 +77,16 @@ from .checks import _default_foreach as _default_foreach
 from .checks import _implementation as _implementation
 
 # The implementations share one signature (that of `sophiag_reference`), so the step
-# picks one by name, per group. The fused module is imported only where it is used: a
-# user who never asks for the kernel never loads the code that builds it.
+# picks one by name, per group. The fused module is imported only where it is used
+# (a foreach step handed a flag borrows its step counting): a user who never asks for
+# the kernel never builds it.
 from .foreach import hessian_ema_foreach, sophiag_foreach
 from .hessian import hutchinson
 from .loading import _adopt_foreign, _check_state_dict
 from .nonfinite import (
     _all_finite,
     device_flag,
+    record_device_step,
     settle_device_skips,
     skip_nonfinite,
 )
@@ -147,7 +149,10 @@ class SophiaG(Optimizer):
         nonfinite: what a NaN or infinity in a gradient or an estimate does: `"raise"`
             (refuse with `FloatingPointError`, nothing changed), `"skip"` (skip the step
             or refresh, counted in `skipped_steps` / `skipped_refreshes`), or
-            `"unchecked"`.
+            `"unchecked"`. On CUDA a step with foreach or `fused=True` is skipped on
+            the device, without a wait, and reported at the next call that waits
+            anyway (`state_dict()`, `update_hessian()`, `win_rate()`,
+            `skipped_steps`), at the latest `sophia.nonfinite.SETTLE_EVERY` steps on.
 
     Per step: `step(closure=None, bs=5120)`, with `bs` the number of predictions
     (tokens) per step, $B$, over all data-parallel processes. Every $k$ steps:
@@ -316,13 +321,17 @@ class SophiaG(Optimizer):
         plan = _plan(_params_with_grad(self.param_groups))
         _check_step_range(plan, self.param_groups)
         # A scaler that hands over its flags has already looked for non-finite values;
-        # otherwise the flag stays on the device where the kernel can take it.
+        # otherwise the flag stays on the device where the step can take it, and the
+        # step is recorded, with the counters it counted anyway.
         scaled = any(flag is not None for flag in self._scaler_flags())
         flag = None if scaled else device_flag(self, plan)
         if not scaled and flag is None and skip_nonfinite(self, plan, refresh=False):
             return loss
+        counted = []
         for group, params, grads, implementation in plan:
-            self._step_group(group, params, grads, implementation, bs, flag)
+            counted += self._step_group(group, params, grads, implementation, bs, flag)
+        if flag is not None:
+            record_device_step(self, flag, counted)
         self._last_bs = bs
         return loss
 
@@ -332,10 +341,12 @@ class SophiaG(Optimizer):
         return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
     # One group's update. A fused group hands the scale and the overflow flag to the
-    # kernel (reading the flag only where a skipped step would create state); any other
-    # group reads the flag (a wait for the device) and skips, or unscales the gradients
-    # out of place so that `p.grad` keeps the scaled values, as the kernel leaves them.
-    # Then state (zeros at a first step) and the chosen function.
+    # kernel, and a foreach group the non-finite flag (`nonfinite`) to its step, each
+    # reading the flag only where a skipped step would create state; any other group
+    # reads the flag (a wait for the device) and skips, or unscales the gradients out
+    # of place so that `p.grad` keeps the scaled values, as the kernel leaves them.
+    # Then state (zeros at a first step) and the chosen function. Returned: the
+    # counters counted whatever the flag says (below).
     def _step_group(
         self,
         group: dict,
@@ -344,32 +355,42 @@ class SophiaG(Optimizer):
         implementation: str,
         bs: float,
         nonfinite: Tensor | None = None,
-    ) -> None:
+    ) -> list[Tensor]:
         grad_scale, found_inf = self._scaler_flags()
         found_inf = nonfinite if nonfinite is not None else found_inf
         extra = {}
-        if implementation == "fused":
-            extra = dict(grad_scale=grad_scale, found_inf=found_inf)
+        if implementation == "fused" or nonfinite is not None:
+            extra = dict(found_inf=found_inf)
+            if implementation == "fused":
+                extra["grad_scale"] = grad_scale
             new = any("exp_avg" not in self.state.get(p, {}) for p in params)
             if new and found_inf is not None and bool(found_inf.item()):
-                return
+                return []
         elif found_inf is not None or grad_scale is not None:
             if found_inf is not None and bool(found_inf.item()):
-                return
+                return []
             if grad_scale is not None:
                 grads = torch._foreach_div(grads, grad_scale.to(grads[0].device))
         states = [self._state_for(p, group) for p in params]
+        steps, counted = [s["step"] for s in states], []
+        # A foreach group's counters are on the CPU (unless `capturable`), where the
+        # flag cannot decide their count without a wait: they count here, every step,
+        # the step is handed none, and the record takes the skipped steps back off.
+        if nonfinite is not None and not (group["capturable"] or group["fused"]):
+            torch._foreach_add_(steps, 1)
+            steps, counted = [], steps
         _step_function(implementation)(
             params,
             grads,
             [s["exp_avg"] for s in states],
             [s["hessian"] for s in states],
-            [s["step"] for s in states],
+            steps,
             **_hyper(group),
             bs=bs,
             maximize=group["maximize"],
             **extra,
         )
+        return counted
 
     # ## The Hessian refresh
     #
