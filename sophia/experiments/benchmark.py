@@ -19,6 +19,9 @@ what that costs. It times the **optimizer step alone** (no forward, no backward)
 * `torch.optim.AdamW(params, foreach=True)`, the **baseline**, what most people train
   with; `AdamW(foreach=False)`, how much foreach buys AdamW here; and
   `AdamW(fused=True)`, PyTorch's own fused kernel, the bar for ours;
+* and, alone, the look for NaNs and infinities that `SophiaG`'s default
+  (`nonfinite="raise"`) makes before each step: `check(kernel)`, the fused kernel's
+  (a fused step's), and `check(GradScaler pass)` (every other step's);
 
 on one synthetic parameter set shaped like a small transformer's
 ([what is stepped and how it is timed](measure.html)). Run it with
@@ -81,6 +84,7 @@ from torch import Tensor
 
 # Every Sophia contender is the public `SophiaG` with a flag, so what is timed is what a
 # user runs, dispatch included.
+from ..nonfinite import found_nonfinite
 from ..optimizer import SophiaG
 
 # The parameter set, the clock and the bandwidth live in `measure`; the names are
@@ -121,6 +125,7 @@ BS = 5120
 BASELINE = "AdamW(foreach=True)"
 FUSED_SOPHIA = "SophiaG(fused=True)"
 FUSED_ADAMW = "AdamW(fused=True)"
+KERNEL_CHECK = "check(kernel)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -152,6 +157,17 @@ def _adamw(**flags: bool) -> Callable[[list[Tensor]], Step]:
     def make(params: list[Tensor]) -> Step:
         opt = torch.optim.AdamW(params, **flags)
         return opt.step
+
+    return make
+
+
+# The non-finite check alone, as the default step makes it before the update: the
+# fused kernel's own check (`kernel=True`, a fused step's) or the `GradScaler` pass
+# (every other step's). Each reads the gradients once; the pass also writes them back.
+def _check(kernel: bool) -> Callable[[list[Tensor]], Step]:
+    def make(params: list[Tensor]) -> Step:
+        grads = [p.grad for p in params]
+        return lambda: found_nonfinite(grads, kernel=kernel)
 
     return make
 
@@ -195,6 +211,8 @@ def contenders(
         (BASELINE, _adamw(foreach=True)),
         ("AdamW(foreach=False)", _adamw(foreach=False)),
         (FUSED_ADAMW, _adamw(fused=True)),
+        (KERNEL_CHECK, _check(kernel=True)),
+        ("check(GradScaler pass)", _check(kernel=False)),
     ]
     missing = unavailable(device, dtype)
     return [(name, make) for name, make in found if name not in missing]
@@ -203,8 +221,10 @@ def contenders(
 def unavailable(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     r"""The fused contenders that cannot run on `device` with `dtype`, with the
     reason."""
+    no_kernel = _fused_sophia_unavailable(device)
     reasons = {
-        FUSED_SOPHIA: _fused_sophia_unavailable(device),
+        FUSED_SOPHIA: no_kernel,
+        KERNEL_CHECK: no_kernel,
         FUSED_ADAMW: _fused_adamw_unavailable(device, dtype),
     }
     return {name: reason for name, reason in reasons.items() if reason is not None}
@@ -452,7 +472,7 @@ def _print_report(results: dict) -> None:
     print()
     print(
         "GB/s: the least bytes a step must move (6 tensor-passes for Sophia, 7 for "
-        "AdamW) over its median time."
+        "AdamW, 1 for a check: a read of the gradients) over its median time."
     )
 
 
