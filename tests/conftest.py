@@ -14,6 +14,7 @@ stop running there.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -41,6 +42,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ## The tests' build of the fused kernel
+#
+# The CPU build with `SOPHIA_TESTING` (the plain kernels, `convert`, the packing and the
+# launch count), built once and cached on disk by torch; the module is skipped where it
+# cannot be built. While a module uses it, the optimizer's fused steps run on it too,
+# so that `set_packing` and `launch_count` see their launches.
+@pytest.fixture(scope="module")
+def ext():
+    from sophia import fused
+
+    try:
+        testing = fused.load_extension("cpu", testing=True)
+    except fused.FusedUnavailableError as error:
+        pytest.skip(f"the CPU build of the fused kernel is unavailable: {error}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            fused,
+            "load_extension",
+            functools.partial(fused.load_extension, testing=True),
+        )
+        yield testing
 
 
 # ## The implementations

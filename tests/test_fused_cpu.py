@@ -20,7 +20,6 @@ the last place of the storage type, and mostly not at all.
 """
 
 import contextlib
-import functools
 import math
 import platform
 
@@ -48,24 +47,6 @@ SIZES = [1, 3, 5, 7, 64, 1023, 1024, 4097]
 # build shares): most tests make many tiny launches, whose fork and join dominate on
 # a busy machine. `test_blocks_run_on_several_threads` runs blocks in parallel.
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-# The tests' CPU build (`SOPHIA_TESTING`: the plain kernels, `convert`, the packing and
-# the launch count), built once and cached on disk by torch. `sophiag_fused` runs on it
-# too while these tests run, so that `set_packing` and `launch_count` see its launches.
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        testing = fused.load_extension("cpu", testing=True)
-    except fused.FusedUnavailableError as error:
-        pytest.skip(f"the CPU build of the fused kernel is unavailable: {error}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            fused,
-            "load_extension",
-            functools.partial(fused.load_extension, testing=True),
-        )
-        yield testing
 
 
 # The launch configurations. `gpu` runs the kernel with the GPU's block size; `tiny`

@@ -6,8 +6,6 @@ several launches), so it is run with the same three packings as the step's tests
 `test_fused_cpu.py`, on views that start mid-vector, with a bad value in each kind of
 place: the first element, the vector path, the scalar tail."""
 
-import functools
-
 import pytest
 import torch
 
@@ -19,31 +17,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 BAD = [float("nan"), float("inf"), -float("inf")]
+# The step's three launch configurations (see `test_fused_cpu.py`): the CPU build's
+# default, the GPU's block size, and a packing so small that every branch is taken.
 PACKINGS = {
     "cpu": (0, 0, 0, 0),
-    "gpu": (0, 0, 0, 512),
+    "gpu": (0, 0, 0, "gpu"),
     "tiny": (64, 5, 3, 8),
 }
 
 
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        testing = fused.load_extension("cpu", testing=True)
-    except fused.FusedUnavailableError as error:
-        pytest.skip(f"the CPU build of the fused kernel is unavailable: {error}")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            fused,
-            "load_extension",
-            functools.partial(fused.load_extension, testing=True),
-        )
-        yield testing
-
-
 @pytest.fixture(params=list(PACKINGS))
 def packed(request, ext):
-    ext.set_packing(*PACKINGS[request.param])
+    *sizes, block_size = PACKINGS[request.param]
+    if block_size == "gpu":
+        block_size = ext.packing(4)["gpu_block_size"]
+    ext.set_packing(*sizes, block_size)
     try:
         yield ext
     finally:
