@@ -73,6 +73,27 @@ def _opmath_list(tensors: list[Tensor]) -> list[Tensor]:
     return tensors
 
 
+# ## Counting steps
+#
+# Reference: `step += 1`. With a flag `found_inf` (a step the device may skip, below,
+# and the fused kernel's), the increment is $[\text{found\_inf} = 0]$, computed where
+# the flag is, then copied to each `(device, dtype)` of the counters: only a copy from
+# a GPU to the CPU waits.
+def count_steps(state_steps: list[Tensor], found_inf: Tensor | None) -> None:
+    r"""Add one to every counter of `state_steps`, or, with `found_inf`, one where the
+    flag is zero, without reading it on the host."""
+    if found_inf is None:
+        torch._foreach_add_(state_steps, 1)
+        return
+    not_skipped = found_inf.reshape(()) == 0
+    by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
+    for step in state_steps:
+        by_kind[(step.device, step.dtype)].append(step)
+    for (device, dtype), steps in by_kind.items():
+        increment = not_skipped.to(device=device, dtype=dtype)
+        torch._foreach_add_(steps, [increment] * len(steps))
+
+
 # ## A step the device may skip
 #
 # With `found_inf` (a one-element flag on the tensors' device, non-zero to skip: the
@@ -134,15 +155,8 @@ def sophiag_foreach(
 
     # The step counters are scalars, often on the CPU while the parameters are on a
     # GPU: they are one group of their own, one foreach op for all of them.
-    # Reference: `step += 1`. With a flag, the count is $[\text{found\_inf} = 0]$, as
-    # the kernel counts (its function, imported here without the kernel): computed
-    # where the flag is, so that only a counter on another device waits for it.
-    if found_inf is None:
-        torch._foreach_add_(state_steps, 1)
-    else:
-        from .fused import _count_steps
-
-        _count_steps(state_steps, found_inf)
+    # Reference: `step += 1`, or, with a flag, $[\text{found\_inf} = 0]$ (above).
+    count_steps(state_steps, found_inf)
     skip = None if found_inf is None else found_inf.reshape(()) != 0
 
     groups = group_by_device_and_dtype(params, grads, exp_avgs, hessians)

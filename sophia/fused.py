@@ -31,16 +31,16 @@ costs, is on [how the fused kernel is built](../engineering/kernel.md).
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-# The kernel groups tensors with the foreach version's own function, and views complex
-# tensors as real with the reference's `_as_real`: one definition of each.
-from .foreach import group_by_device_and_dtype
+# The kernel groups tensors and counts steps with the foreach version's own functions,
+# and views complex tensors as real with the reference's `_as_real`: one definition of
+# each.
+from .foreach import count_steps, group_by_device_and_dtype
 from .fused_build import FusedUnavailableError, fused_available, load_extension
 from .reference import _as_real
 
@@ -278,24 +278,6 @@ def _stream_and_device(
     return 0, contextlib.nullcontext()
 
 
-# ## Counting steps
-#
-# Reference: `step += 1`. With `found_inf`, the increment is $[\text{found\_inf} = 0]$,
-# computed where the flag is, then copied to each `(device, dtype)` of the counters:
-# only a copy from a GPU to the CPU waits.
-def _count_steps(state_steps: list[Tensor], found_inf: Tensor | None) -> None:
-    if found_inf is None:
-        torch._foreach_add_(state_steps, 1)
-        return
-    not_skipped = found_inf.reshape(()) == 0
-    by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
-    for step in state_steps:
-        by_kind[(step.device, step.dtype)].append(step)
-    for (device, dtype), steps in by_kind.items():
-        increment = not_skipped.to(device=device, dtype=dtype)
-        torch._foreach_add_(steps, [increment] * len(steps))
-
-
 # The kernel writes behind autograd's back: bump the versions, as an in-place op does,
 # where this PyTorch has `increment_version`.
 def _mark_written(tensors: list[Tensor]) -> None:
@@ -357,7 +339,7 @@ def sophiag_fused(
         calls.append((group, device, *_lr_for(lr, device), scale, inf))
 
     # Reference: `step += 1`, the first write, counted only if the step happens.
-    _count_steps(state_steps, found_inf)
+    count_steps(state_steps, found_inf)
 
     # Reference: the step's statements (Algorithm 3, lines 6, 11 and 12), for every
     # element of the group, in one kernel call; `rho * bs` is the reference's Python
