@@ -360,19 +360,20 @@ def sophiag_fused(
 #
 # Before a step, the [non-finite rule](nonfinite.html) asks whether a gradient holds a
 # NaN or an infinity. For fused groups the kernel's own check answers: one read of
-# each gradient per `(device, dtype)` group, no write but the flag, which
-# `sophiag_fused` then takes as `found_inf`. The caller has checked the tensors
+# each gradient, no write but the flag, which `sophiag_fused` then takes as
+# `found_inf`. The caller has grouped the tensors by device and dtype, checked them
 # (plain, contiguous, of a storage dtype) and zeroed `found`.
 def nonfinite_check_fused(tensors: list[Tensor], found: Tensor) -> None:
     r"""Set `found` (one `float32` on the tensors' device) to one if an element of
-    `tensors` is NaN or infinite; otherwise leave it as it is."""
+    `tensors`, all of one device and dtype, is NaN or infinite; otherwise leave it as
+    it is."""
     if not tensors:
         return
-    extensions = _extensions(tensors)
-    for (device, _dtype), (group,) in group_by_device_and_dtype(tensors).items():
-        stream, on_device = _stream_and_device(device)
-        with on_device:
-            extensions[device.type].nonfinite_check(group, found, stream)
+    device = tensors[0].device
+    extension = _extensions(tensors[:1])[device.type]
+    stream, on_device = _stream_and_device(device)
+    with on_device:
+        extension.nonfinite_check(tensors, found, stream)
 
 
 # ## The Hessian EMA
